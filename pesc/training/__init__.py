@@ -1,0 +1,1 @@
+"""Training: teacher fine-tuning and distillation on transformers.Trainer, configs and the pipeline."""

@@ -82,12 +82,29 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _coerce(value: str, typ):
-    """Parse a command-line string into the field's type (YAML rules: 1e-4, true, [a, b], null)."""
-    parsed = yaml.safe_load(value) if isinstance(value, str) else value
-    if typ in (float, "float") and isinstance(parsed, int):
-        return float(parsed)
-    return parsed
+def _coerce(name: str, value, typ: str):
+    """Parse a command-line/YAML value into the field's declared type, with a clear error."""
+    if not isinstance(value, str):
+        if typ.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    base = typ.split("|")[0].strip()
+    if base == "str":
+        return None if "None" in typ and value.lower() in ("none", "null") else value
+    if "None" in typ and value.lower() in ("none", "null", ""):
+        return None
+    try:
+        if base == "float":
+            return float(value)
+        if base == "int":
+            return int(value)
+        if base == "bool":
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        return yaml.safe_load(value)  # lists and dicts: [a, b] / {k: v}
+    except (ValueError, yaml.YAMLError):
+        raise ConfigError(f"option {name}: cannot read {value!r} as {typ}") from None
 
 
 def load_config(preset: str | None = None, yaml_path: str | None = None,
@@ -110,6 +127,5 @@ def load_config(preset: str | None = None, yaml_path: str | None = None,
     if unknown:
         raise ConfigError(f"unknown config option(s): {', '.join(unknown)}")
     types = {f.name: f.type for f in fields(RunConfig)}
-    merged = {k: (_coerce(v, types[k]) if isinstance(v, str) and types[k] not in ("str", "str | None") else v)
-              for k, v in merged.items()}
+    merged = {k: _coerce(k, v, types[k]) for k, v in merged.items()}
     return dataclasses.replace(RunConfig(), **merged)

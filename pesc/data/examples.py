@@ -95,10 +95,15 @@ def build_examples(dialogues: list[Dialogue], tokenizer, max_length: int = 1024,
             if not seen_seeker or not turn.text.strip():
                 continue
             target = render_target(tokenizer, turn.text)
-            # Keep the whole target when possible; a huge target is cut to leave room for the prompt.
-            budget = max(max_length - len(target), max_length - max(min_target_tokens, 1) - 1)
-            prompt = fit_prompt(tokenizer, d.profile, d.turns[:i], budget,
-                                where=f"dialogue {d.id}, turn {i}: ")
+            where = f"dialogue {d.id}, turn {i}: "
+            # Keep the whole target when possible (dropping old history for it); only when even
+            # the profile and the latest seeker turn leave no room is the target cut at the end.
+            try:
+                prompt = fit_prompt(tokenizer, d.profile, d.turns[:i], max_length - len(target),
+                                    where=where)
+            except ConfigError:
+                prompt = fit_prompt(tokenizer, d.profile, d.turns[:i],
+                                    max_length - max(min_target_tokens, 1), where=where)
             target = target[: max_length - len(prompt)]
             out.append(Example(prompt + target, [IGNORE_INDEX] * len(prompt) + target, d.id, i))
     return out

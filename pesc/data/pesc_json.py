@@ -14,6 +14,8 @@ from pesc.data.dialogue import ROLES, SEEKER, SUPPORTER, Dialogue, Turn
 from pesc.errors import DataError
 
 TURNS_PER_DIALOGUE = 20
+# Dialogue.meta key holding the character fields that were numbers in the file (kept for dumping).
+RAW_NUMBERS = "pesc_numeric_character"
 
 
 def read_json(path: str | os.PathLike, text: str | None = None):
@@ -28,11 +30,17 @@ def read_json(path: str | os.PathLike, text: str | None = None):
             except UnicodeDecodeError as e:
                 line = raw[: e.start].count(b"\n") + 1
                 raise DataError(f"not valid UTF-8 (byte {e.start})", path=path, line=line) from None
+        if not text.strip():
+            raise DataError("empty file", path=path)
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", path=path, line=e.lineno) from None
     except FileNotFoundError:
         raise DataError("file not found", path=path) from None
+    except IsADirectoryError:
+        raise DataError("is a directory, expected a JSON file", path=path) from None
+    except OSError as e:
+        raise DataError(f"cannot read: {e.strerror or e}", path=path) from None
     except RecursionError:
         raise DataError("JSON nested too deeply", path=path) from None
 
@@ -71,23 +79,40 @@ def parse_pesc(obj, path: str = "<memory>", *, expected_turns: int | None = TURN
             raise DataError("'whole_dialog' must be a list of strings", path=path, dialogue_id=did)
         if not isinstance(character, dict):
             raise DataError("'character' must be an object", path=path, dialogue_id=did)
+        profile, raw_numbers = {}, {}
         for k, v in character.items():
-            if not isinstance(v, str):
-                raise DataError(f"character field {k!r} must be a string, got {type(v).__name__}",
-                                path=path, dialogue_id=did)
+            # The organisers' files hold a few numbers (e.g. "Age": 58): the profile gets the
+            # string, the original value is remembered so the file is written back unchanged.
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                profile[k], raw_numbers[k] = str(v), v
+            elif isinstance(v, str):
+                profile[k] = v
+            else:
+                raise DataError(f"character field {k!r} must be a string or a number, got "
+                                f"{type(v).__name__}", path=path, dialogue_id=did)
         if expected_turns is not None and len(turns_raw) != expected_turns:
             raise DataError(f"expected {expected_turns} turns, found {len(turns_raw)}", path=path,
                             dialogue_id=did)
         turns = [parse_turn(s, path=path, dialogue_id=did, index=i,
                             expected_role=SEEKER if i % 2 == 0 else SUPPORTER)
                  for i, s in enumerate(turns_raw)]
-        dialogues.append(Dialogue(str(did), turns, dict(character), source))
+        meta = {RAW_NUMBERS: raw_numbers} if raw_numbers else {}
+        dialogues.append(Dialogue(str(did), turns, profile, source, meta))
     return dialogues
 
 
 def load_pesc(path: str | os.PathLike, *, expected_turns: int | None = TURNS_PER_DIALOGUE) -> list[Dialogue]:
     """Load a PESC file (train/val/test.json or a result.json)."""
-    return parse_pesc(read_json(path), str(path), expected_turns=expected_turns)
+    dialogues = parse_pesc(read_json(path), str(path), expected_turns=expected_turns)
+    if not dialogues:
+        raise DataError("no dialogues in file", path=str(path))
+    return dialogues
+
+
+def _character_obj(d: Dialogue) -> dict:
+    raw = d.meta.get(RAW_NUMBERS) or {}
+    # A number read from the file is written back as that number unless the profile changed it.
+    return {k: raw[k] if k in raw and str(raw[k]) == v else v for k, v in d.profile.items()}
 
 
 def to_pesc_obj(dialogues: list[Dialogue]) -> dict:
@@ -95,7 +120,7 @@ def to_pesc_obj(dialogues: list[Dialogue]) -> dict:
     for d in dialogues:
         out[d.id] = {
             "whole_dialog": [f"{t.role}:{t.sep}{t.text}" for t in d.turns],
-            "character": dict(d.profile),
+            "character": _character_obj(d),
         }
     return out
 
@@ -108,7 +133,11 @@ def dumps_pesc(dialogues: list[Dialogue]) -> str:
 def dump_pesc(dialogues: list[Dialogue], path: str | os.PathLike) -> None:
     """Write atomically: a failure leaves any previous file untouched."""
     path = Path(path)
+    text = dumps_pesc(dialogues)  # serialise first: an error here leaves the disk untouched
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps_pesc(dialogues), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,192 @@
+"""The leaderboard's bridge to the project's scorer and pre-flight check (it never scores itself).
+
+`GoldSet` holds the server's reference file; `preflight` runs `submission.check`; `score_result`
+runs `pesc.metrics.score` in official and corrected mode plus the gaming flags, and returns the
+plain dict the database stores.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from pesc.data.dialogue import SUPPORTER, Dialogue
+from pesc.data.pesc_json import dumps_pesc, load_pesc, parse_pesc
+from pesc.errors import DataError, PescError
+
+OFFICIAL_METRICS = ("meteor", "bleu4", "rougeL", "extrema", "distinct2", "distinct3", "gscore")
+TURN_METRICS = ("meteor", "bleu4", "rougeL", "extrema")
+WEIGHTS = {"meteor": 0.2, "bleu4": 0.2, "rougeL": 0.2, "extrema": 0.1, "distinct2": 0.1,
+           "distinct3": 0.1, "gscore": 0.1}
+BASELINES = ("echo", "random", "generic", "gold")
+
+
+@dataclass
+class Problem:
+    """One pre-flight problem, as shown to the submitter."""
+    dialogue_id: str | None
+    turn: int | None
+    code: str
+    message: str
+
+    def as_dict(self) -> dict:
+        return {"dialogue_id": self.dialogue_id, "turn": self.turn, "code": self.code,
+                "message": self.message}
+
+
+class GoldSet:
+    """The reference file: dialogues, raw object, hash, and the blanked "test" view of it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError("gold file not found", path=str(self.path))
+        raw = self.path.read_bytes()
+        self.sha = hashlib.sha256(raw).hexdigest()
+        self.obj = json.loads(raw.decode("utf-8"))
+        self.dialogues: list[Dialogue] = load_pesc(self.path)
+        for d in self.dialogues:
+            for i in d.supporter_indices():
+                if not d.turns[i].text.strip():
+                    raise DataError("the gold file has an empty supporter turn; the server needs the "
+                                    "filled references (e.g. val.json), not a blank test file",
+                                    path=str(self.path), dialogue_id=d.id, turn=i)
+        self.by_id = {d.id: d for d in self.dialogues}
+
+    @property
+    def n_turns(self) -> int:
+        return sum(len(d.supporter_indices()) for d in self.dialogues)
+
+    def test_obj(self) -> dict:
+        """The gold with every supporter turn blanked: what the pre-flight check compares to."""
+        out = copy.deepcopy(self.obj)
+        for entry in out.values():
+            entry["whole_dialog"] = [s if not s.startswith(SUPPORTER + ":") else SUPPORTER + ":"
+                                     for s in entry["whole_dialog"]]
+        return out
+
+    def profiles(self) -> dict[str, dict]:
+        return {d.id: dict(d.profile) for d in self.dialogues}
+
+
+def preflight(result: dict, gold: GoldSet, max_reply_chars: int) -> list[Problem]:
+    """All pre-flight problems of `result` against the blanked gold (empty list: it passes)."""
+    from submission.check import check_result
+
+    report = check_result(result, gold.test_obj(), max_reply_chars=max_reply_chars)
+    if report.ok:
+        return []
+    return [Problem(None if p.dialogue_id is None else str(p.dialogue_id), p.turn, p.code, p.message)
+            for p in report.problems]
+
+
+def _clean(x):
+    """JSON-safe floats (NaN/inf become None) through nested containers."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):  # numpy scalars
+        return _clean(x.item())
+    return x
+
+
+def turn_score(rec: dict) -> float | None:
+    """One number per turn for sorting: the per-turn part of the official total, renormalised
+    (0.2 METEOR + 0.2 BLEU-4 + 0.2 ROUGE-L + 0.1 Extrema) / 0.7. Distinct and G are corpus-level."""
+    vals = [rec.get(k) for k in TURN_METRICS]
+    if any(v is None for v in vals):
+        return None
+    return sum(WEIGHTS[k] * v for k, v in zip(TURN_METRICS, vals)) / 0.7
+
+
+def scorer_version() -> str:
+    try:
+        import pesc.metrics as m
+        return str(getattr(m, "__version__", "pesc-metrics"))
+    except Exception:  # noqa: BLE001 - version is informational
+        return "unknown"
+
+
+def score_result(result: dict, gold: GoldSet, *, judge=None, workers: int | None = 1,
+                 progress=None) -> dict:
+    """Score a checked result object. Returns the dict `Store.add_submission` stores."""
+    from pesc.metrics import score
+    from pesc.metrics.flags import gaming_flags
+
+    def step(frac, msg):
+        if progress is not None:
+            progress(frac, msg)
+
+    preds = parse_pesc(result, "result.json")
+    step(0.1, "scoring (official mode)")
+    official = score(preds, gold.dialogues, mode="official", judge=judge, per_turn=True,
+                     workers=workers, progress=False)
+    step(0.6, "scoring (corrected mode)")
+    notes = list(getattr(official, "notes", []) or [])
+    try:
+        corrected = score(preds, gold.dialogues, mode="corrected", judge=None, per_turn=False,
+                          workers=workers, progress=False)
+        corrected_metrics = dict(corrected.metrics)
+        notes += [f"corrected mode: {n}" for n in getattr(corrected, "notes", []) or []]
+    except PescError as e:
+        corrected_metrics = {}
+        notes.append(f"corrected mode not computed: {e}")
+    step(0.9, "checking for gaming patterns")
+    flags = [{"code": f.code, "message": f.message, "severity": f.severity}
+             for f in gaming_flags(preds, gold.dialogues)]
+    om = dict(official.metrics)
+    per_turn = []
+    for r in official.per_turn:
+        rec = _record(r)
+        rec["turn_score"] = turn_score(rec)
+        per_turn.append(rec)
+    return _clean({
+        "gold_sha": gold.sha,
+        "scorer_version": scorer_version(),
+        "official": {k: om.get(k) for k in OFFICIAL_METRICS if om.get(k) is not None},
+        "corrected": {k: corrected_metrics.get(k) for k in OFFICIAL_METRICS
+                      if corrected_metrics.get(k) is not None},
+        "total": _total(om, with_g=False),
+        "total_g": _total(om, with_g=True),
+        "corrected_total": _total(corrected_metrics, with_g=False) if corrected_metrics else None,
+        "per_turn": per_turn,
+        "flags": flags,
+        "notes": notes,
+    })
+
+
+def _total(metrics: dict, with_g: bool) -> float | None:
+    keys = [k for k in OFFICIAL_METRICS if k != "gscore"]
+    if any(metrics.get(k) is None for k in keys):
+        return None
+    t = sum(WEIGHTS[k] * metrics[k] for k in keys)
+    if not with_g:
+        return t
+    g = metrics.get("gscore")
+    return None if g is None else t + WEIGHTS["gscore"] * g
+
+
+def _record(r) -> dict:
+    get = r.get if isinstance(r, dict) else (lambda k, d=None: getattr(r, k, d))
+    rec = {"dialogue_id": str(get("dialogue_id")), "turn": get("turn"),
+           "seeker": get("input", get("seeker")), "reference": get("reference"),
+           "prediction": get("prediction")}
+    for k in TURN_METRICS:
+        rec[k] = get(k)
+    return rec
+
+
+def baseline_result(name: str, gold: GoldSet) -> tuple[dict, bytes]:
+    """A sanity baseline as a result object and the bytes its file would have."""
+    from pesc.metrics.baselines import make_baseline
+
+    dialogues = make_baseline(name, gold.dialogues)
+    text = dumps_pesc(dialogues)
+    return json.loads(text), text.encode("utf-8")

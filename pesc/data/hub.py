@@ -111,6 +111,8 @@ def _load_local_file(path: Path, split: str, cache_dir) -> TextRows:
     rows = _text_column(ds, str(path))
     if lines is None:
         lines = list(range(1, len(rows) + 1))
+    elif len(lines) != len(rows):  # datasets read the file differently than line by line
+        lines = []
     return TextRows(str(path), rows, lines)
 
 

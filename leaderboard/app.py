@@ -186,8 +186,7 @@ def build_app(service: LeaderboardService, chat: ChatService | None = None) -> g
                           columns=list(ALWAYS_COLUMNS) + list(columns or OPTIONAL_COLUMNS))
         return str(path)
 
-    def submit(file, team, system, model_ref, query, flagged, include_baselines, columns,
-               progress=gr.Progress()):
+    def submit(file, team, system, model_ref, progress=gr.Progress()):
         progress(0.0, desc="starting")
         path = file if isinstance(file, (str, type(None))) else getattr(file, "name", None)
         outcome = service.submit(path, team, system, model_ref,
@@ -202,9 +201,8 @@ def build_app(service: LeaderboardService, chat: ChatService | None = None) -> g
                        f"**{_fmt_pct(s['corrected_total'])}**. Open it on the Submission tab "
                        f"(id {outcome.submission_id}).")
         probs = outcome.problems
-        table, plot, bstatus = board(query, flagged, include_baselines, columns)
         return (status, gr.Markdown(value=problems_markdown(probs), visible=bool(probs)),
-                outcome.as_dict(), table, plot, bstatus,
+                outcome.as_dict(),
                 gr.Number(value=outcome.submission_id) if outcome.submission_id else gr.Number())
 
     def open_submission(sub_id):
@@ -252,13 +250,11 @@ def build_app(service: LeaderboardService, chat: ChatService | None = None) -> g
     def chat_reset():
         return [], ""
 
-    def admin(token, action, sub_id, query, flagged, include_baselines, columns):
+    def admin(token, action, sub_id):
         try:
-            msg = "✅ " + service.admin(token, action, None if sub_id in (None, "") else int(sub_id))
+            return "✅ " + service.admin(token, action, None if sub_id in (None, "") else int(sub_id))
         except PescError as e:
-            msg = f"❌ {e}"
-        table, plot, bstatus = board(query, flagged, include_baselines, columns)
-        return msg, table, plot
+            return f"❌ {e}"
 
     # --------------------------------------------------------------- layout
     with gr.Blocks(title=cfg.title) as demo:
@@ -346,29 +342,36 @@ def build_app(service: LeaderboardService, chat: ChatService | None = None) -> g
         board_outputs = [table, plot, baseline_note]
         reads = dict(concurrency_limit=4)
         demo.load(board, board_inputs, board_outputs, api_name="board", **reads)
-        demo.load(on_load, None, [tabs, sub_id, header, flags_md, turns], api_visibility="private")
-        demo.load(board_csv, board_inputs, csv_btn, api_visibility="private")
-        for trigger in (refresh.click, query.submit, flagged.change, include_baselines.change,
-                        columns.change):
-            trigger(board, board_inputs, board_outputs, api_visibility="private", **reads)
-        refresh.click(board_csv, board_inputs, csv_btn, api_name="board_csv", **reads)
-        submit_btn.click(submit, [upload, team, system, model_ref, *board_inputs],
-                         [status, problems, receipt, table, plot, baseline_note, sub_id],
+        private = dict(api_visibility="private")
+        demo.load(on_load, None, [tabs, sub_id, header, flags_md, turns], api_name="deep_link",
+                  **private)
+        demo.load(board_csv, board_inputs, csv_btn, api_name="board_csv_on_load", **private)
+        for i, trigger in enumerate((query.submit, flagged.change, include_baselines.change,
+                                     columns.change)):
+            trigger(board, board_inputs, board_outputs, api_name=f"board_refresh_{i}", **private,
+                    **reads).then(board_csv, board_inputs, csv_btn, api_name=f"board_csv_{i}",
+                                  **private)
+        refresh.click(board, board_inputs, board_outputs, api_name="board_refresh", **private,
+                      **reads).then(board_csv, board_inputs, csv_btn, api_name="board_csv", **reads)
+        submit_btn.click(submit, [upload, team, system, model_ref], [status, problems, receipt, sub_id],
                          api_name="submit", concurrency_limit=cfg.submit_concurrency,
-                         concurrency_id="submit")
+                         concurrency_id="submit").then(
+            board, board_inputs, board_outputs, api_name="board_after_submit", **private)
         open_btn.click(open_submission, sub_id, [header, flags_md, turns], api_name="submission",
                        **reads)
-        sub_id.submit(open_submission, sub_id, [header, flags_md, turns], api_visibility="private")
+        sub_id.submit(open_submission, sub_id, [header, flags_md, turns], api_name="submission_enter",
+                      **private)
         table.select(select_row, None, [tabs, sub_id, header, flags_md, turns],
-                     api_visibility="private")
+                     api_name="open_row", **private)
         profile_dd.change(pick_profile, profile_dd, profile_box, api_name="profile")
         chat_args = dict(inputs=[msg, chatbot, profile_box, model_dd], outputs=[chatbot, msg],
                          concurrency_limit=1, concurrency_id="chat")
         send.click(chat_respond, api_name="chat", **chat_args)
-        msg.submit(chat_respond, api_visibility="private", **chat_args)
+        msg.submit(chat_respond, api_name="chat_enter", **private, **chat_args)
         reset.click(chat_reset, None, [chatbot, msg], api_name="chat_reset")
-        admin_btn.click(admin, [token, action, admin_id, *board_inputs], [admin_out, table, plot],
-                        api_name="admin", concurrency_limit=1)
+        admin_btn.click(admin, [token, action, admin_id], admin_out, api_name="admin",
+                        concurrency_limit=1).then(board, board_inputs, board_outputs,
+                                                  api_name="board_after_admin", **private)
     demo.queue(default_concurrency_limit=2)
     return demo
 

@@ -11,17 +11,16 @@ import copy
 import hashlib
 import json
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from pesc.data.dialogue import SUPPORTER, Dialogue
-from pesc.data.pesc_json import dumps_pesc, load_pesc, parse_pesc
+from pesc.data.pesc_json import dumps_pesc, load_pesc
 from pesc.errors import DataError, PescError
 
 OFFICIAL_METRICS = ("meteor", "bleu4", "rougeL", "extrema", "distinct2", "distinct3", "gscore")
 TURN_METRICS = ("meteor", "bleu4", "rougeL", "extrema")
-WEIGHTS = {"meteor": 0.2, "bleu4": 0.2, "rougeL": 0.2, "extrema": 0.1, "distinct2": 0.1,
-           "distinct3": 0.1, "gscore": 0.1}
 BASELINES = ("echo", "random", "generic", "gold")
 
 
@@ -103,20 +102,36 @@ def turn_score(rec: dict) -> float | None:
     vals = [rec.get(k) for k in TURN_METRICS]
     if any(v is None for v in vals):
         return None
-    return sum(WEIGHTS[k] * v for k, v in zip(TURN_METRICS, vals)) / 0.7
+    from pesc.metrics import WEIGHTS
+
+    w = [WEIGHTS[k] for k in TURN_METRICS]
+    return sum(wk * v for wk, v in zip(w, vals)) / sum(w)
 
 
 def scorer_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        import pesc.metrics as m
-        return str(getattr(m, "__version__", "pesc-metrics"))
-    except Exception:  # noqa: BLE001 - version is informational
-        return "unknown"
+        return f"pesc {version('pesc')}"
+    except PackageNotFoundError:  # pragma: no cover - running from a plain checkout
+        return "pesc"
 
 
-def score_result(result: dict, gold: GoldSet, *, judge=None, workers: int | None = 1,
+def warm_up() -> None:
+    """Load the scorer's resources (WordNet, GloVe, the stemmer) once, in this thread."""
+    from pesc.metrics import score_texts
+    from pesc.metrics.scorer import ALL_METRICS
+
+    score_texts(["I am here for you ."], ["I am here with you ."], metrics=ALL_METRICS, workers=1)
+
+
+def score_result(result: dict | bytes, gold: GoldSet, *, judge=None, workers: int | None = 1,
                  progress=None) -> dict:
-    """Score a checked result object. Returns the dict `Store.add_submission` stores."""
+    """Score a checked result (its bytes, or the parsed object) in official and corrected mode.
+
+    The result is handed to the scorer as a file, so the official mode reads the raw strings exactly
+    as the organisers' script does. Returns the dict `Store.add_submission` stores.
+    """
     from pesc.metrics import score
     from pesc.metrics.flags import gaming_flags
 
@@ -124,63 +139,49 @@ def score_result(result: dict, gold: GoldSet, *, judge=None, workers: int | None
         if progress is not None:
             progress(frac, msg)
 
-    preds = parse_pesc(result, "result.json")
-    step(0.1, "scoring (official mode)")
-    official = score(preds, gold.dialogues, mode="official", judge=judge, per_turn=True,
-                     workers=workers, progress=False)
-    step(0.6, "scoring (corrected mode)")
-    notes = list(getattr(official, "notes", []) or [])
-    try:
-        corrected = score(preds, gold.dialogues, mode="corrected", judge=None, per_turn=False,
-                          workers=workers, progress=False)
-        corrected_metrics = dict(corrected.metrics)
-        notes += [f"corrected mode: {n}" for n in getattr(corrected, "notes", []) or []]
-    except PescError as e:
-        corrected_metrics = {}
-        notes.append(f"corrected mode not computed: {e}")
-    step(0.9, "checking for gaming patterns")
+    data = result if isinstance(result, bytes) else json.dumps(result, indent=4).encode("utf-8")
+    with tempfile.TemporaryDirectory(prefix="pesc-lb-") as tmp:
+        path = Path(tmp) / "result.json"
+        path.write_bytes(data.removeprefix(b"\xef\xbb\xbf"))
+        step(0.05, "scoring (official mode)")
+        official = score(str(path), str(gold.path), mode="official", judge=judge, per_turn=True,
+                         workers=workers, progress=False)
+        step(0.6, "scoring (corrected mode)")
+        notes = list(official.notes)
+        try:
+            corrected = score(str(path), str(gold.path), mode="corrected", judge=None,
+                              per_turn=False, workers=workers, progress=False)
+            corrected_metrics = dict(corrected.metrics)
+            notes += [f"corrected mode: {n}" for n in corrected.notes
+                      if n not in official.notes and not n.startswith("no G-Score judge")]
+        except PescError as e:
+            corrected_metrics = {}
+            notes.append(f"corrected mode not computed: {e}")
+        step(0.9, "checking for gaming patterns")
+        preds = load_pesc(path, expected_turns=None)
     flags = [{"code": f.code, "message": f.message, "severity": f.severity}
              for f in gaming_flags(preds, gold.dialogues)]
-    om = dict(official.metrics)
+    om = official.metrics
     per_turn = []
     for r in official.per_turn:
-        rec = _record(r)
+        rec = {"dialogue_id": str(r["dialogue_id"]), "turn": r["turn"], "seeker": r.get("input"),
+               "reference": r.get("reference"), "prediction": r.get("prediction")}
+        for k in TURN_METRICS:
+            rec[k] = r.get(k)
         rec["turn_score"] = turn_score(rec)
         per_turn.append(rec)
     return _clean({
         "gold_sha": gold.sha,
         "scorer_version": scorer_version(),
-        "official": {k: om.get(k) for k in OFFICIAL_METRICS if om.get(k) is not None},
-        "corrected": {k: corrected_metrics.get(k) for k in OFFICIAL_METRICS
-                      if corrected_metrics.get(k) is not None},
-        "total": _total(om, with_g=False),
-        "total_g": _total(om, with_g=True),
-        "corrected_total": _total(corrected_metrics, with_g=False) if corrected_metrics else None,
+        "official": {k: om[k] for k in OFFICIAL_METRICS if k in om},
+        "corrected": {k: corrected_metrics[k] for k in OFFICIAL_METRICS if k in corrected_metrics},
+        "total": om.get("total_no_g"),
+        "total_g": om.get("total"),
+        "corrected_total": corrected_metrics.get("total_no_g"),
         "per_turn": per_turn,
         "flags": flags,
         "notes": notes,
     })
-
-
-def _total(metrics: dict, with_g: bool) -> float | None:
-    keys = [k for k in OFFICIAL_METRICS if k != "gscore"]
-    if any(metrics.get(k) is None for k in keys):
-        return None
-    t = sum(WEIGHTS[k] * metrics[k] for k in keys)
-    if not with_g:
-        return t
-    g = metrics.get("gscore")
-    return None if g is None else t + WEIGHTS["gscore"] * g
-
-
-def _record(r) -> dict:
-    get = r.get if isinstance(r, dict) else (lambda k, d=None: getattr(r, k, d))
-    rec = {"dialogue_id": str(get("dialogue_id")), "turn": get("turn"),
-           "seeker": get("input", get("seeker")), "reference": get("reference"),
-           "prediction": get("prediction")}
-    for k in TURN_METRICS:
-        rec[k] = get(k)
-    return rec
 
 
 def baseline_result(name: str, gold: GoldSet) -> tuple[dict, bytes]:

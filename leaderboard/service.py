@@ -76,13 +76,17 @@ def _fmt_pct(x) -> float | None:
 
 
 class LeaderboardService:
-    def __init__(self, config: LeaderboardConfig, store: Store | None = None):
+    def __init__(self, config: LeaderboardConfig, store: Store | None = None, *, warm_up: bool = True):
+        """`warm_up` loads the scorer's resources (WordNet, GloVe) now, once, before requests
+        arrive in parallel threads."""
         self.config = config
         self.gold = scoring.GoldSet(config.gold)
         self.store = store or Store(config.db_url)
         self._baseline_thread: threading.Thread | None = None
         self._kl_threads: list[threading.Thread] = []
-        self.baseline_status = "not started"
+        self.baseline_status = "not started" if config.compute_baselines else "off"
+        if warm_up:
+            scoring.warm_up()
 
     # ------------------------------------------------------------ submitting
     def submit(self, upload: str | Path | bytes | None, team: str | None, system: str | None,

@@ -62,6 +62,40 @@ class RunConfig:
     gen_batch_size: int = 64
     eval_dialogues: int | None = None    # held-out dialogues used for BLEU/ROUGE (None = all)
 
+    # Schedule by epochs instead of steps (None = use teacher_steps / distill_steps).
+    epochs: float | None = None
+    teacher_epochs: float | None = None
+    max_grad_norm: float = 1.0
+    logging_steps: int | None = None     # None = about six log lines per stage
+
+    # Periodic evaluation during training on a validation subset (the held-out dialogues): loss,
+    # teacher-student KL and BLEU-4/ROUGE-L of generated replies. eval_steps 0 = only at the end.
+    eval_steps: int = 0
+    eval_examples: int = 64              # held-out examples for the loss and KL
+    eval_generate_dialogues: int = 3     # held-out dialogues whose replies are generated and scored
+
+    # Checkpoints: every save_steps optimizer steps (0 = none); a restarted run with the same
+    # command resumes from the last complete one (optimizer, scheduler, RNG, data position, loss params).
+    save_steps: int = 0
+    save_total_limit: int = 2
+    resume: bool = True
+
+    # LoRA (peft) for the teacher and/or the student; adapters are merged into the saved weights.
+    teacher_lora: bool = False
+    student_lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | str = "all-linear"
+    gradient_checkpointing: bool = False
+
+    # Teacher cache (`pesc cache-teacher`): top-k log-probabilities per target position. When
+    # teacher_cache is set, distillation reads it and never loads the teacher.
+    teacher_cache: str | None = None
+    cache_topk: int = 64
+    cache_batch_size: int = 8
+    cache_shard_positions: int = 500_000
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
 
@@ -79,6 +113,16 @@ PRESETS: dict[str, dict] = {
                        teacher_steps=30, teacher_lr=2e-5, distill_steps=120, lr=1e-4, batch_size=4,
                        max_new_tokens=48, gen_batch_size=32, holdout_dialogues=30, eval_dialogues=6,
                        max_test_dialogues=None),
+    # The research setting: Qwen2.5-7B teacher, Qwen2.5-1.5B student, both with LoRA r=16,
+    # temperature 2.0, max length 2048, lr 5e-4, batch 4 x 16 accumulation, 10 epochs. Needs GPUs
+    # (see docs/training.md for the torchrun / Accelerate / DeepSpeed launch).
+    "paper": dict(teacher="Qwen/Qwen2.5-7B-Instruct", student="Qwen/Qwen2.5-1.5B-Instruct",
+                  dtype="bfloat16", max_length=2048, temperature=2.0, alpha=0.5,
+                  teacher_lora=True, student_lora=True, lora_r=16, lora_alpha=32, lora_dropout=0.05,
+                  lr=5e-4, teacher_lr=5e-4, batch_size=4, grad_accum=16, epochs=10, teacher_epochs=10,
+                  warmup_ratio=0.03, gradient_checkpointing=True, eval_steps=100, eval_examples=256,
+                  eval_generate_dialogues=10, save_steps=100, max_new_tokens=128, gen_batch_size=16,
+                  holdout_dialogues=30, eval_dialogues=None, cache_topk=100, cache_batch_size=4),
 }
 
 

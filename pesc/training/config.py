@@ -72,7 +72,7 @@ class RunConfig:
     # teacher-student KL and BLEU-4/ROUGE-L of generated replies. eval_steps 0 = only at the end.
     eval_steps: int = 0
     eval_examples: int = 64              # held-out examples for the loss and KL
-    eval_generate_dialogues: int = 3     # held-out dialogues whose replies are generated and scored
+    eval_generate_dialogues: int = 3     # held-out dialogues generated and scored at each periodic eval
 
     # Checkpoints: every save_steps optimizer steps (0 = none); a restarted run with the same
     # command resumes from the last complete one (optimizer, scheduler, RNG, data position, loss params).

@@ -133,7 +133,8 @@ class RunContext:
     tokenizer: object
     train_ex: list
     eval_ex: list                # validation subset for loss / KL
-    eval_dialogues: list         # validation dialogues whose replies are generated and scored
+    eval_dialogues: list         # validation dialogues generated + scored during training
+    final_dialogues: list        # validation dialogues generated + scored before / after (eval_dialogues)
 
     @property
     def vocab(self) -> int:
@@ -176,9 +177,10 @@ def build_context(cfg: RunConfig, data=None) -> RunContext:
     if not train_ex:
         raise ConfigError("no training examples (no supporter turn after a seeker turn in the training data)")
     eval_ex = held_ex[: cfg.eval_examples] if cfg.eval_examples else []
-    eval_dialogues = [d for d in data.heldout if any(t.text.strip() for t in d.turns if t.role == "supporter")]
-    eval_dialogues = eval_dialogues[: cfg.eval_generate_dialogues] if cfg.eval_generate_dialogues else []
-    return RunContext(cfg, run_dir, data, teacher_init, student_init, tokenizer, train_ex, eval_ex, eval_dialogues)
+    gold = [d for d in data.heldout if d.turns and all(t.text.strip() for t in d.turns if t.role == "supporter")]
+    periodic = gold[: cfg.eval_generate_dialogues] if cfg.eval_generate_dialogues else []
+    final = gold[: cfg.eval_dialogues] if cfg.eval_dialogues is not None else gold
+    return RunContext(cfg, run_dir, data, teacher_init, student_init, tokenizer, train_ex, eval_ex, periodic, final)
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -232,6 +234,28 @@ def dtype_args(cfg: RunConfig) -> dict:
     return out
 
 
+def run_training(trainer, resume: str | None):
+    """trainer.train(), resuming from `resume`. A checkpoint that already holds the final step is
+    loaded as it is (the Trainer would otherwise take one more step past max_steps)."""
+    from transformers.trainer_utils import TrainOutput
+
+    if resume:
+        from transformers import TrainerState
+
+        state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+        if state.max_steps and state.global_step >= state.max_steps:
+            trainer._load_from_checkpoint(resume)
+            if hasattr(trainer, "load_loss_state"):
+                trainer.load_loss_state(resume)
+            trainer.state = state
+            losses = [r["train_loss"] for r in state.log_history if "train_loss" in r] or \
+                [r["loss"] for r in state.log_history if "loss" in r]
+            loss = losses[-1] if losses else float("nan")
+            print(f"{resume} is the final checkpoint ({state.global_step} steps): nothing left to train")
+            return TrainOutput(state.global_step, loss, {})
+    return trainer.train(resume_from_checkpoint=resume)
+
+
 def _write_log(trainer, stage_dir: Path, stage: str) -> None:
     with open(stage_dir / "log.jsonl", "w", encoding="utf-8") as f:
         for rec in trainer.state.log_history:
@@ -256,15 +280,16 @@ def _evaluator(ctx: RunContext, *, teacher=None, cache=None, final: bool = False
 
     cfg = ctx.cfg
     return ValidationEvaluator(
-        tokenizer=ctx.tokenizer, examples=ctx.eval_ex, dialogues=ctx.eval_dialogues, teacher=teacher, cache=cache,
+        tokenizer=ctx.tokenizer, examples=ctx.eval_ex, dialogues=ctx.final_dialogues if final else ctx.eval_dialogues,
+        teacher=teacher, cache=cache,
         kl_temperature=cfg.kl_temperature, vocab_size=ctx.vocab, max_new_tokens=cfg.max_new_tokens,
         gen_batch_size=cfg.gen_batch_size, max_prompt_tokens=cfg.max_length, seed=cfg.seed,
         metrics=FINAL_METRICS if final else PERIODIC_METRICS, progress=final and is_main_process())
 
 
 def _eval_summary(ctx: RunContext) -> dict:
-    return {"examples": len(ctx.eval_ex), "dialogues": len(ctx.eval_dialogues),
-            "turns": sum(1 for d in ctx.eval_dialogues for t in d.turns if t.role == "supporter"),
+    return {"examples": len(ctx.eval_ex), "dialogues": len(ctx.final_dialogues),
+            "turns": sum(1 for d in ctx.final_dialogues for t in d.turns if t.role == "supporter"),
             "kl_temperature": ctx.cfg.kl_temperature}
 
 
@@ -287,9 +312,9 @@ def train_teacher(cfg: RunConfig, data=None, *, callbacks=()) -> dict:
                          eval_dataset=ExampleDataset(ctx.eval_ex, "eval") if eval_on else None,
                          data_collator=Collator(ctx.tokenizer.pad_token_id),
                          evaluator=_evaluator(ctx) if eval_on else None, callbacks=list(callbacks))
-    out = trainer.train(resume_from_checkpoint=resume)
+    out = run_training(trainer, resume)
     model = trainer.model.eval()
-    final = _evaluator(ctx, final=True).evaluate(model) if ctx.eval_dialogues else {}
+    final = _evaluator(ctx, final=True).evaluate(model) if ctx.final_dialogues else {}
     results = {"stage": "train-teacher", "teacher_init": ctx.teacher_init, "lora": cfg.teacher_lora,
                "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
                "train_loss": out.training_loss, "train_examples": len(ctx.train_ex),
@@ -363,7 +388,7 @@ def distill(cfg: RunConfig, data=None, *, callbacks=()) -> dict:
     if before_path.exists():
         before = json.loads(before_path.read_text(encoding="utf-8"))
     else:
-        before = final_eval.evaluate(student) if (ctx.eval_ex or ctx.eval_dialogues) else {}
+        before = final_eval.evaluate(student) if (ctx.eval_ex or ctx.final_dialogues) else {}
         if is_main_process():
             before_path.write_text(json.dumps(before, indent=2), encoding="utf-8")
 
@@ -375,9 +400,9 @@ def distill(cfg: RunConfig, data=None, *, callbacks=()) -> dict:
                              teacher_cache=cache, distill_loss=loss, alpha=cfg.alpha, vocab_size=ctx.vocab,
                              evaluator=_evaluator(ctx, teacher=teacher, cache=cache) if eval_on else None,
                              callbacks=list(callbacks))
-    out = trainer.train(resume_from_checkpoint=resume)
+    out = run_training(trainer, resume)
     model = trainer.model.eval()
-    after = final_eval.evaluate(model) if (ctx.eval_ex or ctx.eval_dialogues) else {}
+    after = final_eval.evaluate(model) if (ctx.eval_ex or ctx.final_dialogues) else {}
     results = {
         "stage": "distill", "preset": cfg.preset, "loss": cfg.loss, "loss_params": cfg.loss_params,
         "alpha": cfg.alpha, "temperature": cfg.temperature, "teacher": teacher_desc,

@@ -243,7 +243,7 @@ class SFTTrainer(_PescTrainer):
         logits, out = packed_logits(model, inputs, target_positions(labels))
         loss = packed_ce(logits, labels, n)
         if not model.training:
-            self._record(model, {"ce": float(loss.detach())})
+            self._record(model, {"ce": float(loss.detach()) * float(n) / max(int(target_positions(labels).sum()), 1)})
         loss = self._scale(loss, num_items_in_batch)
         return (loss, out) if return_outputs else loss
 
@@ -318,17 +318,19 @@ class DistillTrainer(_PescTrainer):
         if state and self.args.should_save:
             torch.save({k: v.detach().cpu() for k, v in state.items()}, os.path.join(output_dir, LOSS_STATE_NAME))
 
+    def load_loss_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, LOSS_STATE_NAME)
+        if os.path.isfile(path):
+            state = torch.load(path, map_location=self.args.device, weights_only=True)
+            self.distill_loss.load_state_dict(state)
+        elif self.distill_loss.state_dict():
+            raise ConfigError(f"checkpoint {checkpoint} has no {LOSS_STATE_NAME}, but loss "
+                              f"{self.distill_loss.name!r} has trainable state; cannot resume it exactly")
+
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
-        # The loss state is loaded first: a lazily shaped parameter must exist before the optimizer
-        # state that refers to it.
+        # The loss state first: the optimizer state refers to the loss's parameters too.
         if checkpoint is not None:
-            path = os.path.join(checkpoint, LOSS_STATE_NAME)
-            if os.path.isfile(path):
-                state = torch.load(path, map_location=self.args.device, weights_only=True)
-                self.distill_loss.load_state_dict(state)
-            elif self.distill_loss.state_dict():
-                raise ConfigError(f"checkpoint {checkpoint} has no {LOSS_STATE_NAME}, but loss "
-                                  f"{self.distill_loss.name!r} has trainable state; cannot resume it exactly")
+            self.load_loss_state(checkpoint)
         super()._load_optimizer_and_scheduler(checkpoint)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -391,8 +393,12 @@ class DistillTrainer(_PescTrainer):
                               student_embeddings=_bare(model).get_input_embeddings().weight,
                               teacher_embeddings=self.teacher_embeddings())
         loss = (1 - self.alpha) * ce + self.alpha * d.value
-        parts = {"ce": float(ce.detach()), "distill": float(d.value.detach())}
-        parts.update({k: v for k, v in (d.parts or {}).items() if k not in parts and isinstance(v, (int, float))})
+        # Logged parts are per-token means of this micro-batch (the values above are divided by the
+        # token count of the whole accumulated, all-process batch).
+        scale = float(n) / max(int(mask.sum()), 1)
+        parts = {"ce": float(ce.detach()) * scale, "distill": float(d.value.detach()) * scale}
+        parts.update({k: float(v) * scale for k, v in (d.parts or {}).items()
+                      if k not in parts and isinstance(v, (int, float))})
         self._record(model, parts)
         loss = self._scale(loss, num_items_in_batch)
         return (loss, out) if return_outputs else loss

@@ -184,6 +184,7 @@ def push_run(run: str | Path, repo_id: str, *, private: bool = False, commit_mes
     import tempfile
 
     check_repo_id(repo_id)
+    find_model_dir(run)
     token = token or hub_token()
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
@@ -201,6 +202,8 @@ def push_run(run: str | Path, repo_id: str, *, private: bool = False, commit_mes
         except HfHubHTTPError as e:
             status = getattr(getattr(e, "response", None), "status_code", "?")
             raise HubError(f"the Hub refused the upload to {repo_id} (HTTP {status}): {str(e).splitlines()[0]}") from None
+        except ValueError as e:  # the Hub's metadata validation
+            raise HubError(f"the Hub rejected the model card of {repo_id}: {e}") from None
         except OSError as e:
             raise HubError(f"cannot reach the Hub at {api.endpoint}: {e}") from None
     return str(url)

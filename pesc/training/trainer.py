@@ -277,6 +277,7 @@ class DistillTrainer(_PescTrainer):
         self.alpha = alpha
         self.vocab_size = vocab_size
         self._teacher_embeddings = None
+        self._new_cycle = True
         self._prepare_loss()
 
     def _prepare_loss(self) -> None:
@@ -334,11 +335,19 @@ class DistillTrainer(_PescTrainer):
         super()._load_optimizer_and_scheduler(checkpoint)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        # The loss's own parameters live outside the model: the Trainer's model.zero_grad() does not
+        # reach them, so clear their gradients at the start of each accumulation cycle here.
+        if self._new_cycle:
+            for p in self.extra_parameters():
+                p.grad = None
+            self._new_cycle = False
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # The loss's own parameters live outside the DDP-wrapped model: average their gradients (and
-        # float buffers such as layer weights) over processes at each optimizer step, as DDP does.
-        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
-            sync_module(self.distill_loss, self.accelerator.num_processes)
+        if self.accelerator.sync_gradients:  # the optimizer steps after this micro-batch
+            self._new_cycle = True
+            # Outside the DDP-wrapped model too: average their gradients (and float buffers such as
+            # layer weights) over processes, as DDP does for the model.
+            if self.accelerator.num_processes > 1:
+                sync_module(self.distill_loss, self.accelerator.num_processes)
         return loss
 
     # --- the teacher seam ------------------------------------------------------------------------

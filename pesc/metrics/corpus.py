@@ -20,17 +20,23 @@ def text_extrema(texts: Sequence[str], glove: Glove, *, sign_aware: bool = False
     Returns (vectors (N, d) float64, has_word (N,) bool); rows without a word are zeros.
     """
     n = len(texts)
-    tokens = [t.lower().split() if lowercase else t.split() for t in texts]
-    lengths = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=n)
-    idx = glove.lookup(list(chain.from_iterable(tokens)))
+    ids, lengths, uniques = token_ids([t.lower() if lowercase else t for t in texts])
+    out = np.zeros((n, glove.dim), dtype=np.float64)
+    if ids.size == 0:
+        return out, np.zeros(n, dtype=bool)
+    # Look up each distinct token once, then map every token occurrence to its row.
+    rows_u = glove.lookup(list(uniques))
+    known_u = rows_u >= 0
+    vec_u = np.zeros((len(uniques), glove.dim), dtype=np.float64)
+    if known_u.any():
+        vec_u[known_u] = glove.rows64(rows_u[known_u])
     owner = np.repeat(np.arange(n), lengths)
-    known = idx >= 0
-    idx, owner = idx[known], owner[known]
+    known = known_u[ids]
+    ids, owner = ids[known], owner[known]
     counts = np.bincount(owner, minlength=n)
     has = counts > 0
-    out = np.zeros((n, glove.dim), dtype=np.float64)
-    if idx.size:
-        vecs = glove.rows64(idx)
+    if ids.size:
+        vecs = vec_u[ids]
         starts = (np.cumsum(counts) - counts)[has]  # owner is sorted: each text is one block
         mx = np.maximum.reduceat(vecs, starts, axis=0)
         if sign_aware:
@@ -38,6 +44,21 @@ def text_extrema(texts: Sequence[str], glove: Glove, *, sign_aware: bool = False
             mx = np.where(mx >= -mn, mx, mn)
         out[has] = mx
     return out, has
+
+
+def token_ids(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whitespace tokens of all texts as integer ids: (ids of every token in order, tokens per
+    text, the distinct tokens indexed by id). One hash pass in C (pandas.factorize)."""
+    import pandas as pd
+
+    tokens = [t.split() for t in texts]
+    lengths = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
+    flat = np.empty(int(lengths.sum()), dtype=object)
+    flat[:] = list(chain.from_iterable(tokens))
+    if flat.size == 0:
+        return np.zeros(0, dtype=np.int64), lengths, np.zeros(0, dtype=object)
+    ids, uniques = pd.factorize(flat)
+    return ids.astype(np.int64), lengths, np.asarray(uniques, dtype=object)
 
 
 def cosine_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -73,13 +94,16 @@ def extrema_scores(preds: Sequence[str], refs: Sequence[str], glove: Glove, *,
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
     """Corpus-level Distinct-n: distinct n-grams / all n-grams over `text.lower().split()` tokens
-    (n-grams within each text); 0 when there are none."""
-    unique: set[tuple[str, ...]] = set()
-    total = 0
-    for text in texts:
-        tokens = text.lower().split()
-        if len(tokens) >= n:
-            grams = list(zip(*(tokens[i:] for i in range(n))))
-            total += len(grams)
-            unique.update(grams)
-    return len(unique) / total if total else 0.0
+    (n-grams within each text); 0 when there are none. Vectorised: n-grams become integer keys."""
+    from pesc.metrics.pairwise import ngram_keys
+
+    ids, lengths, _ = token_ids([t.lower() for t in texts])
+    if ids.size == 0:
+        return 0.0
+    pos = np.arange(ids.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    length = np.repeat(lengths, lengths)
+    keys = None
+    for k in range(1, n + 1):
+        keys = ngram_keys(ids, pos, length, k, keys)
+    valid = keys[keys >= 0]
+    return len(np.unique(valid)) / valid.size if valid.size else 0.0

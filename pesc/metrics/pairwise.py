@@ -8,8 +8,8 @@ against nltk and rouge_score pair by pair), but the work that repeats is done on
 - one WordNet reader with a word -> synonym-lemma memo (METEOR's synonym stage);
 - ROUGE-L tokens are computed once per distinct text, and the LCS length with a bit-parallel
   algorithm (Hyyro 2004) instead of a Python DP table: same integer, far fewer Python operations;
-- BLEU-4 with smoothing method 1 computed from n-gram Counters with the same float operations as
-  `nltk.translate.bleu_score.sentence_bleu` (no Fraction objects);
+- BLEU-4 with smoothing method 1: the clipped n-gram counts of all pairs at once with numpy, then
+  the same float operations as `nltk.translate.bleu_score.sentence_bleu` per pair;
 - pairs are split into chunks and scored in worker processes (fork: the loaded WordNet is shared).
 
 METEOR itself stays nltk's `meteor_score`, given the memoised stemmer and WordNet.
@@ -17,11 +17,14 @@ METEOR itself stays nltk's `meteor_score`, given the memoised stemmer and WordNe
 
 from __future__ import annotations
 
+import atexit
 import math
 import multiprocessing as mp
 import os
+import threading
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -129,6 +132,76 @@ def bleu4_method1(ref: Sequence[str], hyp: Sequence[str]) -> float:
     return bp * math.exp(math.fsum(logs))
 
 
+def ngram_keys(ids: np.ndarray, pos: np.ndarray, length: np.ndarray, n: int, prev: np.ndarray | None):
+    """Integer key of the n-gram starting at each token (-1 where it would leave its text).
+
+    `ids`: token ids of all texts concatenated; `pos`: each token's position in its text; `length`:
+    the length of each token's text; `prev`: the (n-1)-gram keys. Equal keys <=> equal n-grams.
+    """
+    if prev is None:
+        return ids.copy()
+    valid = np.flatnonzero(pos + n - 1 < length)
+    keys = np.full(ids.shape, -1, dtype=np.int64)
+    if valid.size:
+        raw = prev[valid] * (int(ids.max()) + 1) + ids[valid + n - 1]
+        import pandas as pd
+
+        keys[valid] = pd.factorize(raw)[0]
+    return keys
+
+
+def bleu4_batch(refs: Sequence[Sequence[str]], hyps: Sequence[Sequence[str]]) -> list[float]:
+    """`bleu4_method1` for many pairs: clipped n-gram counts of all pairs at once with numpy (tokens
+    mapped to integers, n-grams to integer keys, counts by sorting), then nltk's float operations
+    per pair (math.log, math.fsum, math.exp) so every value is bit-identical."""
+    n_pairs = len(refs)
+    texts = list(hyps) + list(refs)  # text t < n_pairs is hypothesis t, else reference t - n_pairs
+    lens = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    hyp_len, ref_len = lens[:n_pairs], lens[n_pairs:]
+    nums = np.zeros((4, n_pairs), dtype=np.int64)
+    total = int(lens.sum())
+    if total:
+        import pandas as pd
+
+        flat = np.empty(total, dtype=object)
+        flat[:] = [w for t in texts for w in t]
+        ids = pd.factorize(flat)[0].astype(np.int64)
+        owner = np.repeat(np.arange(len(texts)), lens)
+        pos = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
+        length = lens[owner]
+        is_hyp = owner < n_pairs
+        pair = np.where(is_hyp, owner, owner - n_pairs)
+        keys = None
+        for n in range(1, 5):
+            keys = ngram_keys(ids, pos, length, n, keys)
+            ok = keys >= 0
+            if not ok.any():
+                break
+            width = int(keys.max()) + 1
+            pk = pair * width + keys
+            uh, ch = np.unique(pk[ok & is_hyp], return_counts=True)
+            ur, cr = np.unique(pk[ok & ~is_hyp], return_counts=True)
+            if uh.size == 0:
+                continue
+            at = np.minimum(np.searchsorted(ur, uh), max(ur.size - 1, 0))
+            rc = np.where(ur.size and (ur[at] == uh), cr[at] if ur.size else 0, 0)
+            nums[n - 1] = np.bincount(uh // width, weights=np.minimum(ch, rc), minlength=n_pairs).astype(np.int64)
+    out: list[float] = []
+    for p in range(n_pairs):
+        if nums[0, p] == 0:
+            out.append(0)  # nltk returns the int 0 when no unigram matches
+            continue
+        hl, rl = int(hyp_len[p]), int(ref_len[p])
+        logs = []
+        for k in range(4):
+            num, den = int(nums[k, p]), max(1, hl - k)
+            prec = (num + _BLEU_EPSILON) / den if num == 0 else num / den
+            logs.append(_BLEU_WEIGHTS[k] * math.log(prec))
+        bp = 1 if hl > rl else math.exp(1 - rl / hl)
+        out.append(bp * math.exp(math.fsum(logs)))
+    return out
+
+
 class PairScorer:
     """Scores (reference, prediction) pairs; one instance per process keeps all the memos."""
 
@@ -166,18 +239,16 @@ class PairScorer:
 
     def score_pairs(self, refs: Sequence[str], preds: Sequence[str],
                     metrics: Sequence[str] = PAIR_METRICS) -> dict[str, list[float]]:
-        out: dict[str, list[float]] = {m: [] for m in metrics}
-        want_meteor, want_bleu, want_rouge = ("meteor" in metrics, "bleu4" in metrics, "rougeL" in metrics)
-        for ref, pred in zip(refs, preds):
-            if want_meteor or want_bleu:
-                rt, pt = ref.split(), pred.split()
-                if want_meteor:
-                    out["meteor"].append(self.meteor(rt, pt))
-                if want_bleu:
-                    out["bleu4"].append(bleu4_method1(rt, pt))
-            if want_rouge:
-                out["rougeL"].append(self.rouge_l(ref, pred))
-        return out
+        out: dict[str, list[float]] = {}
+        if "meteor" in metrics or "bleu4" in metrics:
+            rts, pts = [r.split() for r in refs], [p.split() for p in preds]
+            if "meteor" in metrics:
+                out["meteor"] = [self.meteor(rt, pt) for rt, pt in zip(rts, pts)]
+            if "bleu4" in metrics:
+                out["bleu4"] = bleu4_batch(rts, pts)
+        if "rougeL" in metrics:
+            out["rougeL"] = [self.rouge_l(r, p) for r, p in zip(refs, preds)]
+        return {m: out[m] for m in metrics}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,8 +286,8 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-# Below this many pairs, starting processes costs more than it saves.
-PARALLEL_MIN_PAIRS = 300
+# Below this many pairs, handing work to the worker processes costs more than it saves.
+PARALLEL_MIN_PAIRS = 500
 
 
 def resolve_workers(workers: int | None, n_pairs: int) -> int:
@@ -233,41 +304,112 @@ def _mp_context():
     return mp.get_context(method)
 
 
-def score_pairs(refs: Sequence[str], preds: Sequence[str], metrics: Sequence[str] = PAIR_METRICS,
-                workers: int | None = None, progress: bool = False,
-                desc: str = "scoring") -> dict[str, np.ndarray]:
-    """Per-pair METEOR / BLEU-4 / ROUGE-L as float64 arrays, in pair order."""
+_POOL: tuple | None = None  # (executor, workers, has_wordnet, owner pid)
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int, need_wordnet: bool) -> ProcessPoolExecutor:
+    """A worker pool kept for the life of the process, so its memos (stems, synonyms, ROUGE tokens)
+    stay warm between calls and nothing is forked again. Rebuilt if WordNet is newly needed."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None:
+            ex, w, has_wn, pid = _POOL
+            if pid == os.getpid() and w == workers and (has_wn or not need_wordnet):
+                return ex
+            _POOL = None
+            if pid == os.getpid():
+                ex.shutdown(wait=False, cancel_futures=True)
+        ex = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(),
+                                 initializer=_worker_init, initargs=(need_wordnet,))
+        _POOL = (ex, workers, need_wordnet, os.getpid())
+        return ex
+
+
+def shutdown_pool() -> None:
+    """Stop the scorer's worker processes (also done at exit)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None and _POOL[3] == os.getpid():
+            _POOL[0].shutdown(wait=True, cancel_futures=True)
+        _POOL = None
+
+
+def _forget_pool_in_child() -> None:
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+atexit.register(shutdown_pool)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+class PendingPairs:
+    """Pair metrics under way: in worker processes (already submitted) or, with one worker, run
+    here when `result()` is called. Lets the caller do other work (Extrema, Distinct) meanwhile."""
+
+    def __init__(self, chunks, metrics, workers, need_wordnet, progress, desc):
+        self.chunks, self.metrics, self.progress, self.desc = chunks, metrics, progress, desc
+        self.need_wordnet = need_wordnet
+        self.futures = None
+        if workers > 1:
+            try:
+                pool = _pool(workers, need_wordnet)
+                self.futures = [pool.submit(_worker_chunk, c) for c in chunks]
+            except BrokenProcessPool:
+                shutdown_pool()
+
+    def result(self) -> dict[str, np.ndarray]:
+        from tqdm.auto import tqdm
+
+        n = sum(len(c[0]) for c in self.chunks)
+        bar = tqdm(total=n, desc=self.desc, unit="pair", disable=not self.progress, leave=False)
+        results: list[dict[str, list[float]]] = []
+        try:
+            if self.futures is not None:
+                try:
+                    for c, f in zip(self.chunks, self.futures):
+                        results.append(f.result())
+                        bar.update(len(c[0]))
+                except BrokenProcessPool:  # a worker died (e.g. out of memory): finish here instead
+                    shutdown_pool()
+                    results = []
+                    bar.reset()
+                    self.futures = None
+            if self.futures is None:
+                scorer = process_scorer(self.need_wordnet)
+                for c in self.chunks:
+                    results.append(scorer.score_pairs(*c))
+                    bar.update(len(c[0]))
+        finally:
+            bar.close()
+        return {m: np.array([v for r in results for v in r[m]], dtype=np.float64) for m in self.metrics}
+
+
+def start_pairs(refs: Sequence[str], preds: Sequence[str], metrics: Sequence[str] = PAIR_METRICS,
+                workers: int | None = None, progress: bool = False, desc: str = "scoring") -> PendingPairs:
+    """Start per-pair METEOR / BLEU-4 / ROUGE-L; `.result()` gives float64 arrays in pair order."""
     metrics = tuple(m for m in PAIR_METRICS if m in metrics)
     n = len(refs)
     if len(preds) != n:
         raise ValueError(f"{n} references but {len(preds)} predictions")
-    if not metrics or n == 0:
-        return {m: np.zeros(0, dtype=np.float64) for m in metrics}
     need_wordnet = "meteor" in metrics
-    scorer = process_scorer(need_wordnet)  # load WordNet here: errors surface early, forks share it
-    workers = resolve_workers(workers, n)
-    n_chunks = 1 if workers == 1 and not progress else max(workers * 4, min(20, n))
-    size = max(1, math.ceil(n / n_chunks))
-    chunks = [(list(refs[i:i + size]), list(preds[i:i + size]), metrics) for i in range(0, n, size)]
+    if metrics and n:
+        process_scorer(need_wordnet)  # load WordNet here: errors surface early, forks share it
+    workers = resolve_workers(workers, n) if metrics and n else 1
+    n_chunks = 1 if workers == 1 and not progress else max(workers * 3, min(20, n) if progress else 1)
+    size = max(1, math.ceil(n / n_chunks)) if n else 1
+    chunks = [(list(refs[i:i + size]), list(preds[i:i + size]), metrics) for i in range(0, n, size)] \
+        if metrics else []
+    return PendingPairs(chunks, metrics, workers, need_wordnet, progress, desc)
 
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=n, desc=desc, unit="pair", disable=not progress, leave=False)
-    results: list[dict[str, list[float]]] = []
-    try:
-        if workers == 1:
-            for c in chunks:
-                results.append(scorer.score_pairs(*c))
-                bar.update(len(c[0]))
-        else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(),
-                                     initializer=_worker_init, initargs=(need_wordnet,)) as ex:
-                for c, r in zip(chunks, ex.map(_worker_chunk, chunks)):
-                    results.append(r)
-                    bar.update(len(c[0]))
-    finally:
-        bar.close()
-    return {m: np.array([v for r in results for v in r[m]], dtype=np.float64) for m in metrics}
+def score_pairs(refs: Sequence[str], preds: Sequence[str], metrics: Sequence[str] = PAIR_METRICS,
+                workers: int | None = None, progress: bool = False,
+                desc: str = "scoring") -> dict[str, np.ndarray]:
+    """Per-pair METEOR / BLEU-4 / ROUGE-L as float64 arrays, in pair order."""
+    return start_pairs(refs, preds, metrics, workers, progress, desc).result()
 
 
 def sequential_mean(values: Sequence[float] | np.ndarray) -> float:

@@ -15,7 +15,7 @@ from pesc.errors import ConfigError
 from pesc.metrics.corpus import distinct_n, extrema_scores
 from pesc.metrics.offline import ResourceError, load_glove
 from pesc.metrics.pairs import MODES, PairSet, Source, build_pairs, pairs_from_texts
-from pesc.metrics.pairwise import PAIR_METRICS, score_pairs, sequential_mean
+from pesc.metrics.pairwise import PAIR_METRICS, sequential_mean, start_pairs
 from pesc.metrics.report import ScoreReport, weighted_total
 
 ALL_METRICS = ("meteor", "bleu4", "rougeL", "extrema", "distinct2", "distinct3")
@@ -53,8 +53,8 @@ def _compute(ps: PairSet, metrics: Sequence[str], *, workers, progress, glove, o
             pair_metrics.remove("meteor")
             skipped.append("meteor")
             notes.append(f"METEOR skipped: {e}")
-    per_pair.update(score_pairs(ps.references, ps.predictions, pair_metrics, workers=workers,
-                                progress=progress))
+    # METEOR / BLEU / ROUGE run in the worker processes while Extrema and Distinct run here.
+    pending = start_pairs(ps.references, ps.predictions, pair_metrics, workers=workers, progress=progress)
 
     if "extrema" in metrics:
         try:
@@ -73,13 +73,14 @@ def _compute(ps: PairSet, metrics: Sequence[str], *, workers, progress, glove, o
                 notes.append(f"{info['pred_without_glove_word']} prediction(s) have no GloVe word "
                              f"({'lower-cased' if corrected else 'case-sensitive'} lookup): Extrema 0 there")
 
-    for m in ("meteor", "bleu4", "rougeL", "extrema"):
-        if m in per_pair:
-            agg[m] = sequential_mean(per_pair[m])
     if "distinct2" in metrics:
         agg["distinct2"] = distinct_n(ps.predictions, 2)
     if "distinct3" in metrics:
         agg["distinct3"] = distinct_n(ps.predictions, 3)
+    per_pair.update(pending.result())
+    for m in ("meteor", "bleu4", "rougeL", "extrema"):
+        if m in per_pair:
+            agg[m] = sequential_mean(per_pair[m])
 
     judge_info = {"name": None, "failures": 0}
     if judge is not None:
@@ -117,7 +118,8 @@ def score(predictions: Source, gold: Source, mode: str = "official", judge=None,
         mismatch), uses sign-aware extrema with lower-cased GloVe lookup, strips prefixes only.
     judge: None (total reported without G, key `total_no_g`), a `pesc.metrics.judge.Judge`, or a
         spec string ("openai", "openai:MODEL", "hf:PATH").
-    workers: processes for METEOR/BLEU/ROUGE (None: all available CPUs for >= 300 pairs).
+    workers: processes for METEOR/BLEU/ROUGE (None: all available CPUs for >= 500 pairs; the
+        pool is kept for later calls).
     glove: a glove.6B.50d.txt to use instead of the installed wheel.
     on_missing: "error" raises ResourceError when WordNet or GloVe is missing; "skip" leaves that
         metric (and the total) out with a note.

@@ -27,7 +27,7 @@ from pesc.training.config import RunConfig
 
 # The rows of the research table (ids of the published comparison).
 RESEARCH_SPECS = ("fkl", "l1", "w1_cdf", "sinkhorn:cost=cosine", "sinkhorn:cost=euclidean",
-                  "hybrid:ot_weight=0.5", "hybrid:ot_weight=0.3", "layer_emd")
+                  "hybrid:weight=0.5", "hybrid:weight=0.3", "layer_emd")
 BASELINE = "fkl"
 METRICS = (("kl", "KL"), ("bleu4", "BLEU-4"), ("rougeL", "ROUGE-L"))
 
@@ -50,7 +50,7 @@ class LossSpec:
 
 
 def parse_loss_specs(text: str) -> list[LossSpec]:
-    """'research', 'all', or comma-separated specs; parameters after ':' (e.g. hybrid:ot_weight=0.3)."""
+    """'research', 'all', or comma-separated specs; parameters after ':' (e.g. hybrid:weight=0.3)."""
     from pesc.losses import available_losses, build_loss
 
     text = (text or "").strip()

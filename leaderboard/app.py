@@ -7,7 +7,9 @@ Named API endpoints (for `gradio_client`): /board, /board_csv, /submit, /submiss
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -23,10 +25,29 @@ log = logging.getLogger("pesc.leaderboard")
 
 ALWAYS_COLUMNS = ["rank", "id", "team", "system"]
 OPTIONAL_COLUMNS = [c for c in ALL_COLUMNS if c not in ALWAYS_COLUMNS]
-DEFAULT_COLUMNS = ["date", "total (no G)", "corrected total", *METRIC_COLUMNS, "KL", "flags"]
+DEFAULT_COLUMNS = ["date", "total (no G)", "total (with G)", "corrected total", *METRIC_COLUMNS,
+                   "KL", "flags"]
+NEEDS_JUDGE = {"total (with G)", "G-Score"}
 TURN_COLUMNS = ["dialogue", "turn", "turn score", "METEOR", "BLEU-4", "ROUGE-L", "Extrema",
                 "seeker turn", "reply"]
 FLAG_RULES = ["all", "unflagged", "flagged"]
+# Why each gaming flag matters (the flag's own message says what was measured).
+FLAG_HELP = {
+    "copied_seeker": "Echoing the seeker's own words scores well on METEOR and ROUGE-L without "
+                     "answering them; the echo baseline shows how far that alone goes.",
+    "repeated_reply": "One reply used again and again keeps Extrema high while saying nothing "
+                      "specific; compare the generic baseline.",
+    "length_outlier": "Much longer replies raise recall-oriented metrics (METEOR, ROUGE-L), much "
+                      "shorter ones lower Distinct's denominator; both distort the comparison.",
+    "long_responses": "Replies longer than any reference pad the overlap metrics.",
+    "distinct2_inflated": "Distinct-n rewards unusual wording regardless of quality; values far "
+                          "above the references' suggest noise or padding.",
+    "distinct3_inflated": "Distinct-n rewards unusual wording regardless of quality; values far "
+                          "above the references' suggest noise or padding.",
+    "empty_responses": "Blank replies score zero on every per-turn metric.",
+    "empty_submission": "There is nothing to score.",
+}
+TURN_WIDTHS = ["70px", "50px", "70px", "75px", "70px", "75px", "75px"]
 CSS = """
 #lb-table table td { white-space: nowrap; }
 .lb-status { font-size: 1.05em; }
@@ -130,13 +151,16 @@ def flags_markdown(d: dict) -> str:
         parts.append("#### Flags")
         for f in d["flags"]:
             sev = f.get("severity", "")
-            parts.append(f"- **{f['code']}**{f' ({sev})' if sev else ''}: {f['message']}")
+            why = FLAG_HELP.get(f["code"], "")
+            parts.append(f"- **{f['code']}**{f' ({sev})' if sev else ''}: {f['message']}."
+                         f"{' _' + why + '_' if why else ''}")
     else:
         parts.append("#### Flags\nNone: nothing in this submission looks like a baseline or a "
                      "gamed metric.")
     if d["notes"]:
         parts.append("#### Notes from the scorer")
         parts += [f"- {n}" for n in d["notes"]]
+        parts.append("")
     access = d["reference_access"]
     if access == "none":
         parts.append("_The operator shows aggregate scores only on this server._")
@@ -147,6 +171,11 @@ def flags_markdown(d: dict) -> str:
         parts.append("_Worst turns first (turn score = (0.2 METEOR + 0.2 BLEU-4 + 0.2 ROUGE-L + "
                      "0.1 Extrema) / 0.7)._")
     return "\n".join(parts)
+
+
+def turn_widths(n_text_columns: int) -> list[str]:
+    share = f"{(100 - 28) // n_text_columns}%"
+    return TURN_WIDTHS + [share] * n_text_columns
 
 
 def turns_frame(d: dict) -> pd.DataFrame:
@@ -180,7 +209,12 @@ def build_app(service: LeaderboardService, chat: ChatService | None = None) -> g
                 top_plot(service.top_metrics(5)), status)
 
     def board_csv(query: str, flagged: str, include_baselines: bool, columns: list[str]):
-        path = csv_dir / "pesc-leaderboard.csv"
+        # one directory per request (concurrent users never share a file); old ones are pruned
+        now = time.time()
+        for old in csv_dir.iterdir():
+            if now - old.stat().st_mtime > 600:
+                shutil.rmtree(old, ignore_errors=True)
+        path = Path(tempfile.mkdtemp(dir=csv_dir)) / "pesc-leaderboard.csv"
         service.board_csv(path, include_baselines=bool(include_baselines), query=query or "",
                           flagged=flagged or "all",
                           columns=list(ALWAYS_COLUMNS) + list(columns or OPTIONAL_COLUMNS))
@@ -214,7 +248,9 @@ def build_app(service: LeaderboardService, chat: ChatService | None = None) -> g
         d = service.detail(sid)
         if d is None:
             return f"No visible submission #{sid}.", "", empty
-        return submission_header(d), flags_markdown(d), turns_frame(d)
+        df = turns_frame(d)
+        return (submission_header(d), flags_markdown(d),
+                gr.Dataframe(value=df, column_widths=turn_widths(len(df.columns) - len(TURN_WIDTHS))))
 
     def select_row(evt: gr.SelectData):
         row = evt.row_value or []
@@ -267,7 +303,11 @@ def build_app(service: LeaderboardService, chat: ChatService | None = None) -> g
                     query = gr.Textbox(label="Search team, system or #id", scale=3)
                     flagged = gr.Radio(FLAG_RULES, value="all", label="Flags", scale=2)
                     include_baselines = gr.Checkbox(value=True, label="Show baselines", scale=1)
-                columns = gr.CheckboxGroup(OPTIONAL_COLUMNS, value=DEFAULT_COLUMNS, label="Columns")
+                with gr.Accordion("Columns", open=False):
+                    columns = gr.CheckboxGroup(
+                        OPTIONAL_COLUMNS, show_label=False,
+                        value=[c for c in DEFAULT_COLUMNS
+                               if cfg.judge is not None or c not in NEEDS_JUDGE])
                 baseline_note = gr.Markdown()
                 table = gr.Dataframe(interactive=False, show_search="filter", elem_id="lb-table",
                                      label="Ranked by official total (x 100); click a row to open it",
@@ -283,7 +323,7 @@ def build_app(service: LeaderboardService, chat: ChatService | None = None) -> g
                 with gr.Row():
                     with gr.Column():
                         upload = gr.File(label="Submission (.zip or result.json)",
-                                         file_types=[".zip", ".json"], type="filepath",
+                                         type="filepath",
                                          elem_id="lb-upload")
                     with gr.Column():
                         team = gr.Textbox(label="Team", max_lines=1, elem_id="lb-team")

@@ -1,0 +1,234 @@
+"""The leaderboard app over HTTP: gradio_client against the running app on 127.0.0.1.
+
+One app (in a thread of this process, random free port) serves the module; a second, stricter one
+checks what a submitter may see. Includes the load test (20 concurrent submissions).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import time
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+
+from leaderboard.app import launch
+from leaderboard.chat import ChatService
+from leaderboard.config import LeaderboardConfig
+from leaderboard.safety import CRISIS_REPLY
+from leaderboard.service import BASELINE_MARK, LeaderboardService
+from leaderboard_helpers import GOLD, RESULT, free_port, malformed_corpus, small_limits, variant
+from pesc.metrics import score
+
+TOKEN = "api-admin-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def smoke_student(tmp_path_factory):
+    """The smoke preset's (untrained) student, built offline from the fixture dialogues."""
+    from pesc.data.pesc_json import load_pesc
+    from pesc.models.smoke import build_smoke_models
+
+    out = tmp_path_factory.mktemp("smoke")
+    _, student = build_smoke_models(load_pesc(GOLD), out)
+    return str(student)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, smoke_student):
+    tmp = tmp_path_factory.mktemp("lb")
+    limits = small_limits(per_team_per_day=10, max_upload_bytes=256 * 1024)
+    cfg = LeaderboardConfig(gold=GOLD, db_url=f"sqlite:///{tmp}/lb.db", limits=limits,
+                            reference_access="full", admin_token=TOKEN, models=[smoke_student],
+                            submit_concurrency=2)
+    service = LeaderboardService(cfg)
+    service.ensure_baselines()
+    chat = ChatService(cfg.models, options={"max_new_tokens": 12, "do_sample": False})
+    demo, url = launch(service, chat, host="127.0.0.1", port=free_port(), block=False, quiet=True)
+    client = Client(url, verbose=False, download_files=str(tmp / "downloads"))
+    yield {"service": service, "url": url, "client": client, "tmp": tmp, "model": smoke_student}
+    demo.close()
+    service.close()
+
+
+def _submit(client, path, team, system, model_ref=""):
+    status, _problems, receipt, _sid = client.predict(handle_file(str(path)), team, system, model_ref,
+                                                      api_name="/submit")
+    return status, receipt
+
+
+def _frame(update) -> dict:
+    """A Dataframe output (a bare value or a component update) as {"headers", "data"}."""
+    return update["value"] if "__type__" in update else update
+
+
+def test_api_endpoints_are_named(app):
+    api = app["client"].view_api(print_info=False, return_format="dict")
+    assert {"/submit", "/board", "/board_csv", "/submission", "/chat", "/chat_reset", "/admin",
+            "/profile"} <= set(api["named_endpoints"])
+
+
+def test_submit_board_and_submission_page(app):
+    client, service = app["client"], app["service"]
+    status, receipt = _submit(client, RESULT, "API Team", "api-system")
+    assert receipt["ok"] and receipt["created"], receipt
+    sid = receipt["submission_id"]
+    expect = score(str(RESULT), str(GOLD), mode="official", workers=1, progress=False)
+    assert receipt["summary"]["total"] == pytest.approx(expect.metrics["total_no_g"], abs=1e-12)
+    assert "Accepted" in status and f"id {sid}" in status
+    # the board: our row with the scorer's numbers, baselines as marked rows
+    table, _plot, _note = client.predict("", "all", True, ["date", "total (no G)", "METEOR"],
+                                         api_name="/board")
+    headers, rows = _frame(table)["headers"], _frame(table)["data"]
+    assert headers == ["rank", "id", "team", "system", "date", "total (no G)", "METEOR"]
+    ours = next(r for r in rows if r[1] == sid)
+    assert ours[2] == "API Team" and ours[0] == "1"
+    assert ours[5] == round(100 * expect.metrics["total_no_g"], 2)
+    assert sum(r[0] == BASELINE_MARK for r in rows) == 4
+    # the CSV download
+    csv_path = client.predict("API", "all", False, ["total (no G)"], api_name="/board_csv")
+    lines = open(csv_path, encoding="utf-8").read().splitlines()
+    assert lines[0] == "rank,id,team,system,total (no G)" and len(lines) == 2 and "API Team" in lines[1]
+    # the submission page: header with the numbers, flags, per-turn table worst first
+    header, flags, turns = client.predict(sid, api_name="/submission")
+    turns = _frame(turns)
+    assert f"Submission #{sid}" in header and "API Team" in header
+    assert f"{100 * expect.metrics['meteor']:.2f}" in header
+    assert "Flags" in flags
+    t_headers, t_rows = turns["headers"], turns["data"]
+    assert t_headers[:3] == ["dialogue", "turn", "turn score"] and t_headers[-1] == "reference"
+    assert len(t_rows) == 30
+    scores = [r[2] for r in t_rows]
+    assert scores == sorted(scores)
+    by_key = {(r["dialogue_id"], r["turn"]): r for r in expect.per_turn}
+    first = by_key[(t_rows[0][0], t_rows[0][1])]
+    assert t_rows[0][-2] == first["prediction"] and t_rows[0][-1] == first["reference"]
+    assert service.detail(sid)["per_turn"][0]["turn_score"] * 100 == pytest.approx(t_rows[0][2], abs=0.006)
+
+
+def test_malformed_uploads_rejected_over_http_and_db_unchanged(app):
+    client, service = app["client"], app["service"]
+    limits = service.config.limits
+    cases = malformed_corpus(app["tmp"] / "corpus", limits)
+    for case in cases:
+        before = service.store.counts()
+        status, receipt = _submit(client, case.path, case.team, case.system, case.model_ref or "")
+        assert receipt["ok"] is False, case.name
+        assert receipt["code"] == case.code, (case.name, receipt)
+        assert case.fragment in receipt["message"] and case.fragment in status, (case.name, status)
+        assert service.store.counts() == before, case.name
+    pre = next(c for c in cases if c.code == "preflight")
+    _status, problems_update, receipt, _ = client.predict(handle_file(str(pre.path)), "t", "s", "",
+                                                          api_name="/submit")
+    # the problems are shown as a readable list naming the dialogue and turn
+    shown = problems_update["value"] if isinstance(problems_update, dict) else problems_update
+    assert "dialogue **9001**, turn **3**" in shown and "empty" in shown
+
+
+def test_gold_file_is_not_served(app):
+    url = app["url"].rstrip("/")
+    for path in (f"/gradio_api/file={GOLD.resolve()}", f"/file={GOLD.resolve()}"):
+        r = httpx.get(url + path, timeout=10)
+        assert r.status_code in (403, 404), (path, r.status_code)
+        assert "9001" not in r.text
+
+
+def test_admin_over_http(app):
+    client, service = app["client"], app["service"]
+    path = app["tmp"] / "admin_target.json"
+    path.write_bytes(variant(31))
+    _, receipt = _submit(client, path, "Admin Target", "x")
+    sid = receipt["submission_id"]
+    assert "invalid admin token" in client.predict("nope-nope-nope", "hide", sid, api_name="/admin")
+    assert sid in [r["id"] for r in service.store.list_submissions()]
+    assert "hidden" in client.predict(TOKEN, "hide", sid, api_name="/admin")
+    table, _, _ = client.predict("", "all", True, [], api_name="/board")
+    assert sid not in [r[1] for r in _frame(table)["data"]]
+    header, _, _ = client.predict(sid, api_name="/submission")
+    assert f"No visible submission #{sid}" in header
+    assert "deleted" in client.predict(TOKEN, "delete", sid, api_name="/admin")
+    assert service.store.get(sid) is None
+
+
+def test_chat_streams_and_crisis_reply_comes_first(app):
+    client = app["client"]
+    profile = client.predict("9002", api_name="/profile")
+    assert json.loads(profile)["Name"] == "Tomas Reyes"
+    job = client.submit("I failed my exam and feel bad.", [], profile, app["model"], api_name="/chat")
+    history, box = job.result(timeout=120)
+    assert box == "" and history[0]["content"] == "I failed my exam and feel bad."
+    assert history[1]["role"] == "assistant" and history[1]["content"].strip()
+    assert history[1]["content"] != CRISIS_REPLY
+    # a crisis message: the fixed reply is streamed out before any model text
+    job = client.submit("Honestly I want to kill myself.", history, profile, app["model"],
+                        api_name="/chat")
+    final, _ = job.result(timeout=120)
+    outputs = job.outputs()
+    first_with_reply = next(h for h, _ in outputs if len(h) > len(history) + 1)
+    assert first_with_reply[len(history) + 1]["content"] == CRISIS_REPLY
+    assert [m["content"] for m in final[len(history):len(history) + 2]] == [
+        "Honestly I want to kill myself.", CRISIS_REPLY]
+    assert len(final) == len(history) + 3 and final[-1]["content"].strip()   # then the model
+    assert client.predict(api_name="/chat_reset") == ([], "")
+
+
+def test_references_hidden_when_operator_says_so(tmp_path):
+    cfg = LeaderboardConfig(gold=GOLD, db_url=f"sqlite:///{tmp_path}/lb.db", limits=small_limits(),
+                            reference_access="scores", compute_baselines=False)
+    service = LeaderboardService(cfg, warm_up=False)
+    demo, url = launch(service, ChatService([]), host="127.0.0.1", port=free_port(), block=False,
+                       quiet=True)
+    try:
+        client = Client(url, verbose=False, download_files=str(tmp_path / "dl"))
+        _, receipt = _submit(client, RESULT, "Private", "p")
+        header, flags, turns = client.predict(receipt["submission_id"], api_name="/submission")
+        turns = _frame(turns)
+        assert "reference" not in turns["headers"] and len(turns["data"]) == 30
+        gold_refs = {s[len("supporter:"):] for e in json.loads(GOLD.read_text()).values()
+                     for s in e["whole_dialog"] if s.startswith("supporter:")}
+        shown = json.dumps([header, flags, turns])
+        assert not any(ref in shown for ref in gold_refs)
+        assert "not disclosed" in flags
+    finally:
+        demo.close()
+        service.close()
+
+
+def test_load_20_concurrent_submissions(app, capsys):
+    """20 distinct submissions from 5 teams at once through the client: all stored and ranked, no
+    database lock errors. Prints throughput and the worst latency."""
+    client, service = app["client"], app["service"]
+    before = service.store.counts()["submissions"]
+    files = []
+    for k in range(20):
+        p = app["tmp"] / f"load_{k}.json"
+        p.write_bytes(variant(100 + k))
+        files.append(p)
+
+    def one(k):
+        t0 = time.perf_counter()
+        _, receipt = _submit(client, files[k], f"Load Team {k % 5}", f"sys-{k}")
+        return receipt, time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(max_workers=20) as ex:
+        results = list(ex.map(one, range(20)))
+    wall = time.perf_counter() - t0
+    receipts = [r for r, _ in results]
+    latencies = [lat for _, lat in results]
+    bad = [r for r in receipts if not (r["ok"] and r["created"])]
+    assert bad == [], bad
+    assert not any("locked" in r["message"].lower() for r in receipts)
+    ids = {r["submission_id"] for r in receipts}
+    assert len(ids) == 20
+    assert service.store.counts()["submissions"] == before + 20
+    board = service.board(include_baselines=False)
+    ranked = board[board["id"].isin(ids)]
+    assert len(ranked) == 20 and ranked["rank"].map(int).is_monotonic_increasing
+    totals = ranked["total (no G)"].tolist()
+    assert totals == sorted(totals, reverse=True)
+    with capsys.disabled():
+        print(f"\nload test: 20 concurrent submissions in {wall:.2f} s = {20 / wall:.2f} submissions/s; "
+              f"worst latency {max(latencies):.2f} s, median {sorted(latencies)[10]:.2f} s")

@@ -14,6 +14,7 @@ from pesc.errors import PescError
 # Modules that define subcommands, in the order `pesc --help` lists them.
 COMMAND_MODULES = [
     "pesc.cli.run",
+    "pesc.cli.train",
     "pesc.cli.score",
     "pesc.cli.leaderboard",
 ]

@@ -81,7 +81,16 @@ def fixtures_dir():
     return Path(__file__).resolve().parent / "fixtures" / "metrics"
 
 
+_PER_PAIR_CACHE = {}
+
+
 def _per_pair(mode, glove):
+    if (mode, glove) not in _PER_PAIR_CACHE:
+        _PER_PAIR_CACHE[(mode, glove)] = _compute_per_pair(mode, glove)
+    return _PER_PAIR_CACHE[(mode, glove)]
+
+
+def _compute_per_pair(mode, glove):
     refs = [p[0] for p in HAND_PAIRS]
     preds = [p[1] for p in HAND_PAIRS]
     from pesc.metrics.pairs import pairs_from_texts
@@ -355,3 +364,86 @@ def test_user_glove_text_matches_the_wheel(tmp_path):
     np.testing.assert_array_equal(mine.rows64(mine.lookup(words)), wheel.rows64(idx))
     preds, refs = ["you feel alone", "it's hard - the"], ["okay You feel", "hard"]
     assert score_texts(preds, refs, ("extrema",), glove=path) == score_texts(preds, refs, ("extrema",))
+
+
+def test_float32_to_decimal64_equals_the_text_parse():
+    """The exact float64 of GloVe's decimals without string conversion (checked on a sample)."""
+    from pesc.metrics import load_glove
+    from pesc.metrics.offline import float32_to_decimal64
+
+    rows = np.random.default_rng(0).choice(len(load_glove()), 3000, replace=False)
+    block = np.asarray(load_glove().vectors[np.sort(rows)], dtype=np.float32)
+    np.testing.assert_array_equal(float32_to_decimal64(block), block.astype(str).astype(np.float64))
+    odd = np.array([0.0, -0.0, 1.0, -6.3681e-05, 123456.7, 3.4e38, 1e-40], dtype=np.float32)
+    np.testing.assert_array_equal(float32_to_decimal64(odd), odd.astype(str).astype(np.float64))
+    assert float32_to_decimal64(np.float32([0.418]))[0] == 0.418  # not 0.41800001263618469
+
+
+def test_gaming_flags_on_hand_made_submissions(fixtures_dir):
+    from pesc.metrics.baselines import make_baseline
+    from pesc.metrics.flags import gaming_flags
+
+    gold = load_pesc(fixtures_dir / "gold_small.json", expected_turns=None)
+    assert gaming_flags(make_baseline("gold", gold), gold) == []
+    codes = {f.code: f.severity for f in gaming_flags(make_baseline("echo", gold), gold)}
+    assert codes == {"copied_seeker": "severe"}
+    codes = {f.code: f.severity for f in gaming_flags(make_baseline("generic", gold), gold)}
+    assert codes["repeated_reply"] == "severe"
+    long = [d.with_supporter_texts(" ".join(f"w{i}_{j}" for j in range(60)) for i in d.supporter_indices())
+            for d in gold]
+    codes = {f.code: f.severity for f in gaming_flags(long, gold)}
+    assert codes["length_outlier"] == "severe" and codes["long_responses"] == "severe"
+    # the hand-written gold is already nearly all-distinct: 1.0 is not "far above" it
+    assert "distinct2_inflated" not in codes and "distinct3_inflated" not in codes
+    blank = [d.with_supporter_texts("" for _ in d.supporter_indices()) for d in gold]
+    assert {f.code for f in gaming_flags(blank, gold)} >= {"empty_responses", "length_outlier"}
+
+
+def test_baselines_are_ready_submissions(fixtures_dir):
+    from pesc.metrics.baselines import make_baseline
+
+    gold = load_pesc(fixtures_dir / "gold_small.json", expected_turns=None)
+    echo = make_baseline("echo", gold)
+    assert echo[0].turns[1].text == gold[0].turns[0].text and echo[0].turns[3].text == gold[0].turns[2].text
+    assert [t.text for t in echo[0].turns[0::2]] == [t.text for t in gold[0].turns[0::2]]
+    rnd = make_baseline("random", gold, seed=1)
+    gold_texts = {(d.id, t.text) for d in gold for t in d.turns if t.role == "supporter"}
+    for d in rnd:
+        for i in d.supporter_indices():
+            assert (d.id, d.turns[i].text) not in gold_texts  # always from another dialogue
+    assert sorted(t.text for d in rnd for t in d.turns if t.role == "supporter") == \
+        sorted(t for _, t in gold_texts)  # each gold response used once
+    assert make_baseline("random", gold, seed=1)[0].turns[1].text == rnd[0].turns[1].text  # seeded
+    with pytest.raises(Exception, match="unknown baseline"):
+        make_baseline("oracle", gold)
+
+
+def test_score_texts_rejects_bad_input():
+    with pytest.raises(DataError, match="2 predictions but 1 references"):
+        score_texts(["a", "b"], ["a"])
+    with pytest.raises(DataError, match="prediction 1 must be a string"):
+        score_texts(["a", None], ["a", "b"])
+    with pytest.raises(Exception, match="unknown metric"):
+        score_texts(["a"], ["a"], metrics=("cider",))
+
+
+def test_threads_share_one_wordnet_safely(shared_pesc):
+    """The leaderboard scores from several threads: WordNet lookups must not interleave."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pesc.metrics import load_wordnet
+    from pesc.metrics.baselines import make_baseline
+    from pesc.metrics.pairwise import PairScorer
+
+    gold = load_pesc(shared_pesc / "val.json")[:15]
+    echo = make_baseline("echo", gold)
+    refs = [d.turns[i].text.split() for d in gold for i in d.supporter_indices()]
+    preds = [d.turns[i].text.split() for d in echo for i in d.supporter_indices()]
+    expected = [PairScorer(load_wordnet()).meteor(r, p) for r, p in zip(refs, preds)]
+    shared = PairScorer(load_wordnet())  # cold memo, shared by all threads
+    with ThreadPoolExecutor(4) as ex:
+        parts = list(ex.map(lambda k: [shared.meteor(r, p) for r, p in zip(refs[k::4], preds[k::4])], range(4)))
+    got = [None] * len(refs)
+    for k, part in enumerate(parts):
+        got[k::4] = part
+    assert got == expected

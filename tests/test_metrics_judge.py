@@ -166,7 +166,8 @@ def test_score_with_judge_reports_g_total_and_failures(stub, tmp_path):
     expected = [0.8 if "you" in p.lower() else 0.4 for p in preds]
     assert [r["gscore"] for r in rep.per_turn] == expected
     assert rep.metrics["gscore"] == pytest.approx(sum(expected) / 6, abs=1e-12)
-    assert rep.metrics["total"] == pytest.approx(rep.metrics["total_no_g"] + 0.1 * rep.metrics["gscore"], abs=1e-12)
+    m = rep.metrics
+    assert m["total"] == pytest.approx(m["total_no_g"] + 0.1 * m["gscore"], abs=1e-12)
     assert rep.judge == "openai:stub-judge" and rep.gscore_failures == 0
     # the judge saw the seeker turn before each response as the input (official: 'seeker:' removed)
     inputs = {_generated(b): b["messages"][1]["content"].split("Input: ", 1)[1].split("\n", 1)[0]

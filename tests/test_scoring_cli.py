@@ -43,7 +43,8 @@ def test_score_corrected_mode_and_flags(capsys, tmp_path):
     obj = json.loads(GOLD.read_text())
     for d in obj.values():  # echo every seeker turn back
         w = d["whole_dialog"]
-        d["whole_dialog"] = [w[0], "supporter:" + w[0].split(":", 1)[1], w[2], "supporter:" + w[2].split(":", 1)[1]]
+        d["whole_dialog"] = [w[0], "supporter:" + w[0].split(":", 1)[1],
+                             w[2], "supporter:" + w[2].split(":", 1)[1]]
     echo = tmp_path / "echo.json"
     echo.write_text(json.dumps(obj))
     rc, out, err = run(capsys, "score", str(echo), "--gold", str(GOLD), "--mode", "corrected", "--quiet",
@@ -127,3 +128,15 @@ def test_baselines_on_val_order_as_in_metrics_doc(shared_pesc):
         assert totals[name] == pytest.approx(doc, abs=1.0), totals
     assert totals["gold"] - totals["echo"] > 40
     assert totals["gold"] > totals["echo"] > totals["random"] > totals["generic"]
+    # the gaming flags catch the two baselines that game the metrics, and only those
+    from pesc.metrics.flags import gaming_flags
+
+    flags = {n: [f.code for f in gaming_flags(make_baseline(n, gold), gold)] for n in totals}
+    assert flags == {"gold": [], "echo": ["copied_seeker"], "random": [], "generic": ["repeated_reply"]}
+    import random
+
+    rng = random.Random(0)
+    vocab = sorted({w for d in gold for t in d.turns for w in t.text.split()})
+    salad = [d.with_supporter_texts(" ".join(rng.choice(vocab) for _ in range(40)) for _ in d.supporter_indices())
+             for d in gold]
+    assert {f.code: f.severity for f in gaming_flags(salad, gold)}["distinct2_inflated"] == "severe"

@@ -12,7 +12,7 @@ from pesc.errors import ConfigError
 _MODE_HELP = ("official: the organisers' definitions to the letter (pairing by position in JSON order, "
               "every 'supporter:' removed, plain-max Vector Extrema); corrected: pairing by dialogue id "
               "and turn with an error on any mismatch, sign-aware extrema with lower-cased GloVe lookup, "
-              "role prefix stripped only at the start")
+              "role prefix stripped only at the start (default: official)")
 _JUDGE_HELP = ("G-Score judge: 'openai' (an OpenAI-compatible endpoint: PESC_JUDGE_BASE_URL or "
                "OPENAI_BASE_URL, PESC_JUDGE_MODEL (default gpt-4o-mini), PESC_JUDGE_API_KEY or "
                "OPENAI_API_KEY), 'openai:MODEL', or 'hf:PATH_OR_HUB_ID' (a local causal LM). Without a "
@@ -38,9 +38,9 @@ def register(sub) -> None:
         description="Score RESULT (a PESC file with the supporter turns filled by a system) against GOLD "
                     "(e.g. val.json). Prints a table with every metric x 100 like the public ranking, "
                     "notes on anything unusual, and gaming flags (copied seeker turns, one reply "
-                    "repeated, lengths or Distinct far outside the gold's range). Definitions: "
-                    "docs/METRICS.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "repeated, lengths or Distinct far outside the gold's range). Definitions: the "
+                    "task's METRICS.md; exit status 2 with a one-line message for a bad file.",
+        )
     p.add_argument("result", help="the submission: a PESC JSON file (result.json)")
     p.add_argument("--gold", required=True, help="the gold PESC JSON file with reference responses")
     _common(p)
@@ -60,10 +60,10 @@ def register(sub) -> None:
                     "response from another dialogue) and generic (one fixed supportive sentence). Real "
                     "systems should land between generic/echo and gold. --out-dir writes each baseline "
                     "as a ready result file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        )
     b.add_argument("--gold", required=True, help="the gold PESC JSON file with reference responses")
     _common(b)
-    b.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default: 0)")
     b.add_argument("--json", metavar="PATH", help="write all scores as JSON ('-' for stdout)")
     b.add_argument("--out-dir", metavar="DIR", help="write baseline_<name>.json result files here")
     b.set_defaults(func=cmd_baselines)

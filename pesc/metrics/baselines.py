@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from pesc.data.dialogue import SEEKER, SUPPORTER, Dialogue
+from pesc.data.dialogue import SEEKER, Dialogue
 from pesc.errors import ConfigError
 
 GENERIC_REPLY = ("I'm sorry you're going through this. It sounds really hard, and your feelings make "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence, Union
 
 from pesc.data.dialogue import SEEKER, SUPPORTER, Dialogue

@@ -1,7 +1,7 @@
 """Per-pair text metrics (METEOR, BLEU-4, ROUGE-L) with the official definitions, fast.
 
-Every number is the one the plain library call gives (`tests/test_metrics_parity.py` checks that
-against nltk and rouge_score pair by pair), but the work that repeats is done once:
+Every number is the one the plain library call gives (`tests/test_metrics.py` checks that against
+nltk and rouge_score pair by pair), but the work that repeats is done once:
 
 - one Porter stemmer with a word -> stem memo, shared by METEOR and ROUGE (both use nltk's
   PorterStemmer in its default NLTK_EXTENSIONS mode on lower-cased words);
@@ -10,7 +10,8 @@ against nltk and rouge_score pair by pair), but the work that repeats is done on
   algorithm (Hyyro 2004) instead of a Python DP table: same integer, far fewer Python operations;
 - BLEU-4 with smoothing method 1: the clipped n-gram counts of all pairs at once with numpy, then
   the same float operations as `nltk.translate.bleu_score.sentence_bleu` per pair;
-- pairs are split into chunks and scored in worker processes (fork: the loaded WordNet is shared).
+- pairs are split between this process and worker processes that are kept for later calls (their
+  memos stay warm; fork start: the loaded WordNet is shared, its open files reopened per process).
 
 METEOR itself stays nltk's `meteor_score`, given the memoised stemmer and WordNet.
 """
@@ -82,11 +83,13 @@ class CachedWordNet:
     def __init__(self, reader):
         self.reader = reader
         self._memo: dict[str, list[_SynonymSet]] = {}
+        self.lock = threading.Lock()  # NLTK's reader seeks in shared files: one thread at a time
 
     def synsets(self, word: str):
         hit = self._memo.get(word)
         if hit is None:
-            names = dict.fromkeys(lemma.name() for s in self.reader.synsets(word) for lemma in s.lemmas())
+            with self.lock:
+                names = dict.fromkeys(lemma.name() for s in self.reader.synsets(word) for lemma in s.lemmas())
             hit = self._memo[word] = [_SynonymSet(names)] if names else []
         return hit
 
@@ -293,7 +296,15 @@ PARALLEL_MIN_PAIRS = 500
 def resolve_workers(workers: int | None, n_pairs: int) -> int:
     if workers is None:
         env = os.environ.get("PESC_SCORE_WORKERS")
-        workers = int(env) if env else (min(available_cpus(), 8) if n_pairs >= PARALLEL_MIN_PAIRS else 1)
+        if env:
+            try:
+                workers = int(env)
+            except ValueError:
+                from pesc.errors import ConfigError
+
+                raise ConfigError(f"PESC_SCORE_WORKERS must be a number, got {env!r}") from None
+        else:
+            workers = min(available_cpus(), 8) if n_pairs >= PARALLEL_MIN_PAIRS else 1
     return max(1, min(int(workers), max(1, n_pairs)))
 
 
@@ -336,8 +347,11 @@ def shutdown_pool() -> None:
 
 
 def _forget_pool_in_child() -> None:
+    """A forked child starts without the parent's pool and with fresh locks."""
     global _POOL, _POOL_LOCK
     _POOL, _POOL_LOCK = None, threading.Lock()
+    if _SCORER is not None and _SCORER.wordnet is not None:
+        _SCORER.wordnet.lock = threading.Lock()
 
 
 atexit.register(shutdown_pool)
@@ -346,63 +360,79 @@ if hasattr(os, "register_at_fork"):
 
 
 class PendingPairs:
-    """Pair metrics under way: in worker processes (already submitted) or, with one worker, run
-    here when `result()` is called. Lets the caller do other work (Extrema, Distinct) meanwhile."""
+    """Pair metrics under way. With several workers the pairs are split: the first share is scored
+    in this process when `result()` is called (after the caller has done its own work, e.g.
+    Extrema and Distinct), the rest was handed to the worker processes at creation."""
 
-    def __init__(self, chunks, metrics, workers, need_wordnet, progress, desc):
-        self.chunks, self.metrics, self.progress, self.desc = chunks, metrics, progress, desc
+    def __init__(self, local_chunks, remote_chunks, metrics, workers, need_wordnet, progress, desc):
+        self.local, self.remote = local_chunks, remote_chunks
+        self.metrics, self.progress, self.desc = metrics, progress, desc
         self.need_wordnet = need_wordnet
         self.futures = None
-        if workers > 1:
+        if self.remote:
             try:
-                pool = _pool(workers, need_wordnet)
-                self.futures = [pool.submit(_worker_chunk, c) for c in chunks]
+                pool = _pool(workers - 1, need_wordnet)
+                self.futures = [pool.submit(_worker_chunk, c) for c in self.remote]
             except BrokenProcessPool:
                 shutdown_pool()
 
     def result(self) -> dict[str, np.ndarray]:
         from tqdm.auto import tqdm
 
-        n = sum(len(c[0]) for c in self.chunks)
+        n = sum(len(c[0]) for c in self.local + self.remote)
         bar = tqdm(total=n, desc=self.desc, unit="pair", disable=not self.progress, leave=False)
+        scorer = process_scorer(self.need_wordnet)
         results: list[dict[str, list[float]]] = []
         try:
+            for c in self.local:
+                results.append(scorer.score_pairs(*c))
+                bar.update(len(c[0]))
+            remote: list[dict[str, list[float]]] = []
             if self.futures is not None:
                 try:
-                    for c, f in zip(self.chunks, self.futures):
-                        results.append(f.result())
+                    for c, f in zip(self.remote, self.futures):
+                        remote.append(f.result())
                         bar.update(len(c[0]))
                 except BrokenProcessPool:  # a worker died (e.g. out of memory): finish here instead
                     shutdown_pool()
-                    results = []
-                    bar.reset()
                     self.futures = None
             if self.futures is None:
-                scorer = process_scorer(self.need_wordnet)
-                for c in self.chunks:
-                    results.append(scorer.score_pairs(*c))
+                for c in self.remote[len(remote):]:
+                    remote.append(scorer.score_pairs(*c))
                     bar.update(len(c[0]))
+            results += remote
         finally:
             bar.close()
         return {m: np.array([v for r in results for v in r[m]], dtype=np.float64) for m in self.metrics}
 
 
+def _chunks(refs, preds, metrics, start, stop, n_chunks):
+    size = max(1, math.ceil((stop - start) / max(1, n_chunks)))
+    return [(list(refs[i:min(i + size, stop)]), list(preds[i:min(i + size, stop)]), metrics)
+            for i in range(start, stop, size)]
+
+
 def start_pairs(refs: Sequence[str], preds: Sequence[str], metrics: Sequence[str] = PAIR_METRICS,
                 workers: int | None = None, progress: bool = False, desc: str = "scoring") -> PendingPairs:
-    """Start per-pair METEOR / BLEU-4 / ROUGE-L; `.result()` gives float64 arrays in pair order."""
+    """Start per-pair METEOR / BLEU-4 / ROUGE-L; `.result()` gives float64 arrays in pair order.
+
+    `workers` counts this process: 2 means this process plus one worker process, each with about
+    half of the pairs (no process sits idle waiting for the others).
+    """
     metrics = tuple(m for m in PAIR_METRICS if m in metrics)
     n = len(refs)
     if len(preds) != n:
         raise ValueError(f"{n} references but {len(preds)} predictions")
     need_wordnet = "meteor" in metrics
-    if metrics and n:
-        process_scorer(need_wordnet)  # load WordNet here: errors surface early, forks share it
-    workers = resolve_workers(workers, n) if metrics and n else 1
-    n_chunks = 1 if workers == 1 and not progress else max(workers * 3, min(20, n) if progress else 1)
-    size = max(1, math.ceil(n / n_chunks)) if n else 1
-    chunks = [(list(refs[i:i + size]), list(preds[i:i + size]), metrics) for i in range(0, n, size)] \
-        if metrics else []
-    return PendingPairs(chunks, metrics, workers, need_wordnet, progress, desc)
+    if not metrics or n == 0:
+        return PendingPairs([], [], metrics, 1, need_wordnet, False, desc)
+    process_scorer(need_wordnet)  # load WordNet here: errors surface early, forks share it
+    workers = resolve_workers(workers, n)
+    local_n = n if workers == 1 else n // workers
+    per_bar = 10 if progress else 1
+    local = _chunks(refs, preds, metrics, 0, local_n, per_bar)
+    remote = _chunks(refs, preds, metrics, local_n, n, (workers - 1) * max(2, per_bar)) if local_n < n else []
+    return PendingPairs(local, remote, metrics, workers, need_wordnet, progress, desc)
 
 
 def score_pairs(refs: Sequence[str], preds: Sequence[str], metrics: Sequence[str] = PAIR_METRICS,

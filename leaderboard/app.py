@@ -135,13 +135,17 @@ def submission_header(d: dict) -> str:
     lines.append(f"| official | {cells(off, d['total'], d['total_g'])} |")
     if cor:
         lines.append(f"| corrected | {cells(cor, d['corrected_total'], None)} |")
-    if d.get("kl"):
+    kl = d.get("kl")
+    if kl:
         lines.append("")
-        lines.append("**KL**: " + ", ".join(f"{k} = {v:.4f}" if isinstance(v, float) else f"{k} = {v}"
-                                            for k, v in d["kl"].items()))
+        lines.append(f"**KL(teacher || student)** at temperature {kl.get('temperature', 1):g}: "
+                     f"{kl['per_token_mean']:.4f} per token; {kl['per_example_sum_mean']:.3f} per "
+                     f"example (sum over its tokens), on {kl.get('n_examples')} reference turns "
+                     f"({kl.get('n_tokens')} tokens), teacher `{kl.get('teacher', '?')}`, model "
+                     f"`{d.get('model_ref')}`.")
     elif d.get("kl_status"):
         lines.append("")
-        lines.append(f"**KL**: {d['kl_status']}")
+        lines.append(f"**KL** for `{d.get('model_ref')}`: {d['kl_status']}")
     return "\n".join(lines)
 
 

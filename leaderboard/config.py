@@ -47,6 +47,8 @@ class LeaderboardConfig:
     db_url: str = "sqlite:///leaderboard.db"
     models: list[str] = field(default_factory=list)   # chat models (local paths or Hub ids)
     kl_teacher: str | None = None                     # teacher for KL of submitted models
+    kl_model_roots: list[str] = field(default_factory=list)  # where submitted local models may be
+    kl_max_examples: int | None = 300                 # gold supporter turns used for KL
     reference_access: str = "scores"
     limits: Limits = field(default_factory=Limits)
     judge: object | None = None                       # a pesc.metrics judge, when configured

@@ -75,6 +75,32 @@ def _fmt_pct(x) -> float | None:
     return None if x is None else round(100.0 * float(x), 2)
 
 
+def compute_kl(teacher_ref: str, student_ref: str, dialogues, *, max_examples: int | None = 300,
+               temperature: float = 1.0, max_length: int = 1024) -> dict:
+    """KL(teacher || student) per target token (and the per-example-sum convention) on the gold
+    supporter turns, teacher-forced, at `temperature`. The two models must share a tokenizer."""
+    from pesc.data.examples import build_examples
+    from pesc.metrics.kl import teacher_student_kl
+    from pesc.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(student_ref)
+    teacher_tok = load_tokenizer(teacher_ref)
+    if tok.get_vocab() != teacher_tok.get_vocab():
+        raise PescError("the model's tokenizer differs from the teacher's; KL needs a shared "
+                        "vocabulary")
+    examples = build_examples(list(dialogues), tok, max_length)
+    if max_examples is not None and len(examples) > max_examples:
+        step = len(examples) / max_examples   # an even spread over the dialogues, deterministic
+        examples = [examples[int(i * step)] for i in range(max_examples)]
+    teacher = load_model(teacher_ref, device="cpu")
+    student = load_model(student_ref, device="cpu")
+    res = teacher_student_kl(teacher, student, examples, tok.pad_token_id, temperature=temperature,
+                             vocab_size=len(tok), progress=False)
+    out = res.to_dict()
+    out["teacher"] = teacher_ref
+    return out
+
+
 class LeaderboardService:
     def __init__(self, config: LeaderboardConfig, store: Store | None = None, *, warm_up: bool = True):
         """`warm_up` loads the scorer's resources (WordNet, GloVe) now, once, before requests
@@ -84,7 +110,13 @@ class LeaderboardService:
         self.store = store or Store(config.db_url)
         self._baseline_thread: threading.Thread | None = None
         self._kl_threads: list[threading.Thread] = []
+        self._kl_lock = threading.Lock()
         self.baseline_status = "not started" if config.compute_baselines else "off"
+        # KL jobs do not survive a restart: say so instead of "pending" forever
+        for row in self.store.list_submissions(include_hidden=True):
+            if row["kl_status"] == "pending":
+                self.store.set_kl(row["id"], None, "failed: interrupted by a server restart "
+                                                   "(an admin re-score runs it again)")
         if warm_up:
             scoring.warm_up()
 
@@ -180,9 +212,26 @@ class LeaderboardService:
                 "rank": self.rank_of(row["id"])}
 
     # ------------------------------------------------------------- KL
-    def _schedule_kl(self, sub_id: int, model_ref: str):
+    def _kl_refusal(self, model_ref: str) -> str | None:
+        """Why the server will not compute KL for this model reference (None: it will)."""
         if not self.config.kl_teacher:
-            self.store.set_kl(sub_id, None, "not computed: the server has no KL teacher configured")
+            return "not computed: the server has no KL teacher configured"
+        if _HUB_ID.match(model_ref) and not Path(model_ref).expanduser().exists():
+            return None
+        path = Path(model_ref).expanduser().resolve()
+        roots = [Path(r).expanduser().resolve() for r in self.config.kl_model_roots]
+        if not any(path == r or r in path.parents for r in roots):
+            where = ", ".join(str(r) for r in roots) or "none configured"
+            return (f"not computed: local models must be under an operator-approved directory "
+                    f"({where})")
+        if not path.is_dir():
+            return f"not computed: {model_ref} is not a model directory on the server"
+        return None
+
+    def _schedule_kl(self, sub_id: int, model_ref: str):
+        refusal = self._kl_refusal(model_ref)
+        if refusal:
+            self.store.set_kl(sub_id, None, refusal)
             return
         self.store.set_kl(sub_id, None, "pending")
         t = threading.Thread(target=self._run_kl, args=(sub_id, model_ref), daemon=True,
@@ -190,17 +239,20 @@ class LeaderboardService:
         self._kl_threads.append(t)
         t.start()
 
-    def _run_kl(self, sub_id: int, model_ref: str):
-        try:
-            from pesc.metrics.kl import teacher_student_kl
+    def wait_for_kl(self, timeout: float | None = None):
+        """Block until the background KL jobs started so far have finished (tests, shutdown)."""
+        for t in list(self._kl_threads):
+            t.join(timeout)
 
-            kl = teacher_student_kl(teacher=self.config.kl_teacher, student=model_ref,
-                                    dialogues=self.gold.dialogues)
-            kl = kl.to_dict() if hasattr(kl, "to_dict") else dict(kl)
-            self.store.set_kl(sub_id, scoring._clean(kl), "done")
-        except Exception as e:  # noqa: BLE001 - a failed KL must never break the board
-            log.warning("KL for submission %s failed: %s", sub_id, e)
-            self.store.set_kl(sub_id, None, f"failed: {e}")
+    def _run_kl(self, sub_id: int, model_ref: str):
+        with self._kl_lock:  # one model pair in memory at a time
+            try:
+                kl = compute_kl(self.config.kl_teacher, model_ref, self.gold.dialogues,
+                                max_examples=self.config.kl_max_examples)
+                self.store.set_kl(sub_id, scoring._clean(kl), "done")
+            except Exception as e:  # noqa: BLE001 - a failed KL must never break the board
+                log.warning("KL for submission %s failed: %s", sub_id, e)
+                self.store.set_kl(sub_id, None, f"failed: {e}")
 
     # ------------------------------------------------------------ baselines
     def ensure_baselines(self, progress: Progress | None = None) -> list[int]:
@@ -247,6 +299,10 @@ class LeaderboardService:
     def _rows(self) -> list[dict]:
         return self.store.list_submissions(include_hidden=False, gold_sha=self.gold.sha)
 
+    def stale_count(self) -> int:
+        """Visible submissions scored against another gold file (off the board until re-scored)."""
+        return sum(1 for r in self.store.list_submissions() if r["gold_sha"] != self.gold.sha)
+
     def rank_of(self, sub_id: int) -> int | None:
         ranked = [r for r in self._sorted(self._rows()) if r["kind"] == "team"]
         for i, r in enumerate(ranked, 1):
@@ -289,8 +345,7 @@ class LeaderboardService:
 
     def _board_row(self, r: dict, rank: int) -> dict:
         off = r["official"] or {}
-        kl = r.get("kl") or {}
-        kl_val = kl.get("per_token_after", kl.get("per_token", kl.get("kl")))
+        kl_val = (r.get("kl") or {}).get("per_token_mean")
         row = {
             "rank": BASELINE_MARK if r["kind"] == "baseline" else str(rank),
             "id": r["id"], "team": r["team"], "system": r["system"],
@@ -400,6 +455,8 @@ class LeaderboardService:
         scores = scoring.score_result(result, self.gold, judge=self.config.judge,
                                       workers=self.config.score_workers)
         self.store.update_scores(sub_id, scores)
+        if row["model_ref"] and row["kl_status"] != "done":
+            self._schedule_kl(sub_id, row["model_ref"])
 
     def close(self):
         self.store.close()

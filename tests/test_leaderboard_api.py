@@ -26,29 +26,31 @@ TOKEN = "api-admin-token-0123456789"
 
 
 @pytest.fixture(scope="module")
-def smoke_student(tmp_path_factory):
-    """The smoke preset's (untrained) student, built offline from the fixture dialogues."""
+def smoke(tmp_path_factory):
+    """The smoke preset's (untrained) teacher and student, built offline from the fixtures."""
     from pesc.data.pesc_json import load_pesc
     from pesc.models.smoke import build_smoke_models
 
     out = tmp_path_factory.mktemp("smoke")
-    _, student = build_smoke_models(load_pesc(GOLD), out)
-    return str(student)
+    teacher, student = build_smoke_models(load_pesc(GOLD), out)
+    return {"root": str(out), "teacher": str(teacher), "student": str(student)}
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, smoke_student):
+def app(tmp_path_factory, smoke):
     tmp = tmp_path_factory.mktemp("lb")
     limits = small_limits(per_team_per_day=10, max_upload_bytes=256 * 1024)
     cfg = LeaderboardConfig(gold=GOLD, db_url=f"sqlite:///{tmp}/lb.db", limits=limits,
-                            reference_access="full", admin_token=TOKEN, models=[smoke_student],
-                            submit_concurrency=2)
+                            reference_access="full", admin_token=TOKEN, models=[smoke["student"]],
+                            submit_concurrency=2, kl_teacher=smoke["teacher"],
+                            kl_model_roots=[smoke["root"]], kl_max_examples=12)
     service = LeaderboardService(cfg)
     service.ensure_baselines()
     chat = ChatService(cfg.models, options={"max_new_tokens": 12, "do_sample": False})
     demo, url = launch(service, chat, host="127.0.0.1", port=free_port(), block=False, quiet=True)
     client = Client(url, verbose=False, download_files=str(tmp / "downloads"))
-    yield {"service": service, "url": url, "client": client, "tmp": tmp, "model": smoke_student}
+    yield {"service": service, "url": url, "client": client, "tmp": tmp, "model": smoke["student"],
+           "smoke": smoke}
     demo.close()
     service.close()
 
@@ -119,6 +121,9 @@ def test_malformed_uploads_rejected_over_http_and_db_unchanged(app):
         assert receipt["code"] == case.code, (case.name, receipt)
         assert case.fragment in receipt["message"] and case.fragment in status, (case.name, status)
         assert service.store.counts() == before, case.name
+    # no file at all
+    _status, _p, receipt, _ = client.predict(None, "t", "s", "", api_name="/submit")
+    assert receipt["code"] == "missing" and "no file was uploaded" in receipt["message"]
     pre = next(c for c in cases if c.code == "preflight")
     _status, problems_update, receipt, _ = client.predict(handle_file(str(pre.path)), "t", "s", "",
                                                           api_name="/submit")
@@ -150,6 +155,32 @@ def test_admin_over_http(app):
     assert f"No visible submission #{sid}" in header
     assert "deleted" in client.predict(TOKEN, "delete", sid, api_name="/admin")
     assert service.store.get(sid) is None
+
+
+def test_kl_of_a_submitted_model(app):
+    """KL(teacher || model) is computed in the background and shown on the board and the page."""
+    client, service, smoke = app["client"], app["service"], app["smoke"]
+    sids = {}
+    for k, (ref, team) in enumerate([(smoke["student"], "KL Student"), (smoke["teacher"], "KL Self"),
+                                     ("/etc", "KL Outside"), ("nobody/no-such-model", "KL Hub")]):
+        path = app["tmp"] / f"kl_{k}.json"
+        path.write_bytes(variant(200 + k))
+        _, receipt = _submit(client, path, team, "kl", ref)
+        assert receipt["ok"], receipt
+        sids[team] = receipt["submission_id"]
+    service.wait_for_kl(timeout=120)
+    rows = {t: service.store.get(i, with_turns=False) for t, i in sids.items()}
+    student, self_kl = rows["KL Student"]["kl"], rows["KL Self"]["kl"]
+    assert rows["KL Student"]["kl_status"] == "done" and student["n_examples"] == 12
+    assert student["per_token_mean"] > 0.01 and student["temperature"] == 1.0
+    assert abs(self_kl["per_token_mean"]) < 1e-6          # a model against itself
+    assert "operator-approved directory" in rows["KL Outside"]["kl_status"]
+    assert rows["KL Hub"]["kl_status"].startswith("failed:")
+    table, _, _ = client.predict("KL Student", "all", True, ["KL"], api_name="/board")
+    row = _frame(table)["data"][0]
+    assert row[-1] == round(student["per_token_mean"], 4)
+    header, _, _ = client.predict(sids["KL Student"], api_name="/submission")
+    assert f"{student['per_token_mean']:.4f} per token" in header
 
 
 def test_chat_streams_and_crisis_reply_comes_first(app):
@@ -232,3 +263,53 @@ def test_load_20_concurrent_submissions(app, capsys):
     with capsys.disabled():
         print(f"\nload test: 20 concurrent submissions in {wall:.2f} s = {20 / wall:.2f} submissions/s; "
               f"worst latency {max(latencies):.2f} s, median {sorted(latencies)[10]:.2f} s")
+
+
+def test_cli_serve_in_a_subprocess(tmp_path):
+    """`pesc leaderboard serve` starts the app; the baselines appear on the board by themselves."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "pesc", "leaderboard", "serve", "--gold", str(GOLD),
+                             "--db", f"sqlite:///{tmp_path}/cli.db", "--port", str(port),
+                             "--per-team-per-day", "2"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.time() + 120
+        rows = []
+        while time.time() < deadline:
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    client = Client(url, verbose=False, download_files=str(tmp_path / "dl"))
+                    table, _, _ = client.predict("", "all", True, [], api_name="/board")
+                    rows = _frame(table)["data"]
+                    if len(rows) == 4:
+                        break
+            except (httpx.HTTPError, OSError):
+                pass
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(1)
+        assert sorted(r[3] for r in rows) == ["echo", "generic", "gold", "random"]
+        about_rules = "At most **2** accepted submissions"
+        page = httpx.get(url + "config", timeout=10).text
+        assert about_rules in page
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pesc", "leaderboard", "serve", "--gold",
+                        str(tmp_path / "missing.json")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"pesc leaderboard: error: {tmp_path / 'missing.json'}: gold file not found"]
+    r = subprocess.run([sys.executable, "-m", "pesc", "leaderboard", "serve", "--gold", str(GOLD),
+                        "--db", "nonsense"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a database URL" in r.stderr and "Traceback" not in r.stderr

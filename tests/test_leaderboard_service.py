@@ -232,3 +232,30 @@ def test_real_validation_file_as_gold(tmp_path, shared_pesc):
     bad = svc.submit(path, "Real Data", "broken")
     assert bad.code == "preflight" and bad.problems[0]["turn"] == 5
     svc.close()
+
+
+def test_new_gold_file_hides_stale_scores_until_rescored(tmp_path):
+    svc = make_service(tmp_path)
+    sid = svc.submit(RESULT, "Team S", "s").submission_id
+    old_total = svc.store.get(sid, with_turns=False)["total"]
+    svc.store.set_kl(sid, None, "pending")          # as if the server stopped during a KL run
+    svc.close()
+    # the operator edits one reference: a different gold file on the same database
+    gold2 = tmp_path / "gold2.json"
+    obj = json.loads(GOLD.read_text(encoding="utf-8"))
+    obj["9001"]["whole_dialog"][1] = "supporter:Six night shifts is really hard. Are you able to sleep?"
+    gold2.write_text(json.dumps(obj, indent=4), encoding="utf-8")
+    cfg = LeaderboardConfig(gold=gold2, db_url=f"sqlite:///{tmp_path}/lb.db", limits=small_limits(),
+                            admin_token=TOKEN)
+    svc2 = LeaderboardService(cfg)
+    row = svc2.store.get(sid, with_turns=False)
+    assert row["kl_status"].startswith("failed: interrupted by a server restart")
+    assert svc2.board().empty and svc2.stale_count() == 1
+    assert svc2.detail(sid)["stale"] is True
+    svc2.admin(TOKEN, "rescore_all")
+    assert svc2.stale_count() == 0
+    new_total = svc2.board().iloc[0]["total (no G)"]
+    assert new_total != round(100 * old_total, 2)      # the edited reference changed the score
+    expect = score(str(RESULT), str(gold2), mode="official", workers=1, progress=False)
+    assert new_total == round(100 * expect.metrics["total_no_g"], 2)
+    svc2.close()

@@ -57,8 +57,17 @@ def register(sub) -> None:
     s.add_argument("--max-upload-mb", type=_positive_float, default=20.0, help="upload size limit")
     s.add_argument("--max-reply-chars", type=_positive_int, default=2000,
                    help="longest accepted reply (pre-flight check)")
+    s.add_argument("--judge", metavar="SPEC",
+                   help="G-Score judge: openai | openai:MODEL (endpoint and key from "
+                        "PESC_JUDGE_BASE_URL / PESC_JUDGE_API_KEY) | hf:PATH_OR_HUB_ID; without it "
+                        "totals are reported without G")
     s.add_argument("--kl-teacher", metavar="PATH",
                    help="teacher model for the KL of submitted models (off when not given)")
+    s.add_argument("--kl-model-root", action="append", default=[], metavar="DIR",
+                   help="directory under which submitted local model paths are accepted for KL "
+                        "(repeatable; Hub ids need no root)")
+    s.add_argument("--kl-examples", type=_positive_int, default=300,
+                   help="gold supporter turns (evenly spread) used for the KL")
     s.add_argument("--workers", type=_positive_int, default=1,
                    help="scorer processes per submission")
     s.add_argument("--concurrency", type=_positive_int, default=2,
@@ -72,15 +81,19 @@ def register(sub) -> None:
 
 def build_config(args):
     from leaderboard.config import LeaderboardConfig, Limits
+    from pesc.metrics.judge import build_judge
 
     limits = Limits(per_team_per_day=args.per_team_per_day,
                     max_upload_bytes=int(args.max_upload_mb * 2**20),
                     max_reply_chars=args.max_reply_chars)
     return LeaderboardConfig(gold=args.gold, db_url=args.db, models=list(args.model),
-                             kl_teacher=args.kl_teacher, reference_access=args.reference_access,
+                             kl_teacher=args.kl_teacher, kl_model_roots=list(args.kl_model_root),
+                             kl_max_examples=args.kl_examples,
+                             reference_access=args.reference_access,
                              limits=limits, score_workers=args.workers,
                              submit_concurrency=args.concurrency,
-                             compute_baselines=not args.no_baselines, title=args.title)
+                             compute_baselines=not args.no_baselines, title=args.title,
+                             judge=build_judge(args.judge) if args.judge else None)
 
 
 def serve(args) -> int:
@@ -99,6 +112,11 @@ def serve(args) -> int:
     if config.compute_baselines:
         service.start_baselines()
     print(f"leaderboard: gold {config.gold} ({len(service.gold.dialogues)} dialogues), "
-          f"database {config.db_url}, admin {'on' if service.admin_enabled() else 'off'}")
+          f"database {config.db_url}, admin {'on' if service.admin_enabled() else 'off'}, "
+          f"references {config.reference_access}")
+    stale = service.stale_count()
+    if stale:
+        print(f"leaderboard: {stale} submission(s) were scored against another gold file and stay off "
+              "the board until an admin runs rescore_all")
     launch(service, host=args.host, port=args.port, block=True)
     return 0

@@ -140,3 +140,11 @@ def test_baselines_on_val_order_as_in_metrics_doc(shared_pesc):
     salad = [d.with_supporter_texts(" ".join(rng.choice(vocab) for _ in range(40)) for _ in d.supporter_indices())
              for d in gold]
     assert {f.code: f.severity for f in gaming_flags(salad, gold)}["distinct2_inflated"] == "severe"
+
+
+def test_json_flag_alone_prints_json(capsys):
+    rc, out, err = run(capsys, "baselines", "--gold", str(GOLD), "--quiet", "--json")
+    assert rc == 0, err
+    data = json.loads(out)
+    assert data["generic"]["metrics"]["distinct2"] < data["gold"]["metrics"]["distinct2"]
+    assert all(v["mode"] == "official" and v["has_gscore"] is False for v in data.values())

@@ -49,7 +49,9 @@ def register(sub) -> None:
                    help="SQLite file for cached judge ratings (default: $PESC_CACHE_DIR or "
                         "~/.cache/pesc/judge_ratings.sqlite)")
     p.add_argument("--per-turn", metavar="CSV", help="write one row per response with each metric")
-    p.add_argument("--json", metavar="PATH", help="write the report as JSON ('-' for stdout)")
+    p.add_argument("--json", metavar="PATH", nargs="?", const="-",
+                   help="write the report (with per-turn records) as JSON to PATH; alone or '-': to stdout "
+                        "instead of the table")
     p.add_argument("--no-flags", action="store_true", help="do not compute gaming flags")
     p.set_defaults(func=cmd_score)
 
@@ -64,7 +66,8 @@ def register(sub) -> None:
     b.add_argument("--gold", required=True, help="the gold PESC JSON file with reference responses")
     _common(b)
     b.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default: 0)")
-    b.add_argument("--json", metavar="PATH", help="write all scores as JSON ('-' for stdout)")
+    b.add_argument("--json", metavar="PATH", nargs="?", const="-",
+                   help="write all scores as JSON to PATH; alone or '-': to stdout instead of the table")
     b.add_argument("--out-dir", metavar="DIR", help="write baseline_<name>.json result files here")
     b.set_defaults(func=cmd_baselines)
 

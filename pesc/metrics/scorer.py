@@ -53,7 +53,8 @@ def _compute(ps: PairSet, metrics: Sequence[str], *, workers, progress, glove, o
             pair_metrics.remove("meteor")
             skipped.append("meteor")
             notes.append(f"METEOR skipped: {e}")
-    # METEOR / BLEU / ROUGE run in the worker processes while Extrema and Distinct run here.
+    # A share of the pairs goes to the worker processes now; Extrema and Distinct are computed here
+    # meanwhile, then this process scores its own share (`pending.result()`).
     pending = start_pairs(ps.references, ps.predictions, pair_metrics, workers=workers, progress=progress)
 
     if "extrema" in metrics:
@@ -99,6 +100,8 @@ def _compute(ps: PairSet, metrics: Sequence[str], *, workers, progress, glove, o
         judge_info["cached"] = int(sum(r.cached for r in results))
         if ok.any():
             agg["gscore"] = sequential_mean(g_scores[ok])
+        notes.append(f"G-Score by {judge.name}: {int(ok.sum())} of {len(ps)} responses rated "
+                     f"({judge_info['cached']} from the rating cache)")
         if judge_info["failures"]:
             first = next(k for k, r in enumerate(results) if r.score is None)
             what = "G-Score absent" if not ok.any() else "G-Score is the mean of the others"

@@ -125,9 +125,9 @@ def warm_up() -> None:
     score_texts(["I am here for you ."], ["I am here with you ."], metrics=ALL_METRICS, workers=1)
 
 
-def score_result(result: dict | bytes, gold: GoldSet, *, judge=None, workers: int | None = 1,
+def score_result(result: bytes, gold: GoldSet, *, judge=None, workers: int | None = 1,
                  progress=None) -> dict:
-    """Score a checked result (its bytes, or the parsed object) in official and corrected mode.
+    """Score a checked result.json (its bytes) in official and corrected mode.
 
     The result is handed to the scorer as a file, so the official mode reads the raw strings exactly
     as the organisers' script does. Returns the dict `Store.add_submission` stores.
@@ -139,7 +139,7 @@ def score_result(result: dict | bytes, gold: GoldSet, *, judge=None, workers: in
         if progress is not None:
             progress(frac, msg)
 
-    data = result if isinstance(result, bytes) else json.dumps(result, indent=4).encode("utf-8")
+    data = bytes(result)
     with tempfile.TemporaryDirectory(prefix="pesc-lb-") as tmp:
         path = Path(tmp) / "result.json"
         path.write_bytes(data.removeprefix(b"\xef\xbb\xbf"))
@@ -184,10 +184,8 @@ def score_result(result: dict | bytes, gold: GoldSet, *, judge=None, workers: in
     })
 
 
-def baseline_result(name: str, gold: GoldSet) -> tuple[dict, bytes]:
-    """A sanity baseline as a result object and the bytes its file would have."""
+def baseline_result(name: str, gold: GoldSet) -> bytes:
+    """A sanity baseline (pesc.metrics.baselines) as the bytes of its result.json."""
     from pesc.metrics.baselines import make_baseline
 
-    dialogues = make_baseline(name, gold.dialogues)
-    text = dumps_pesc(dialogues)
-    return json.loads(text), text.encode("utf-8")
+    return dumps_pesc(make_baseline(name, gold.dialogues)).encode("utf-8")

@@ -23,6 +23,7 @@ from leaderboard.config import ADMIN_TOKEN_ENV, LeaderboardConfig
 from leaderboard.storage import QuotaExceeded, Store, team_key, utcnow
 from leaderboard.uploads import UploadRejected, parse_result_json, read_upload, sha256
 from pesc.errors import PescError
+from pesc.metrics.offline import ResourceError
 
 log = logging.getLogger("pesc.leaderboard")
 
@@ -154,7 +155,7 @@ class LeaderboardService:
                                             f"problem{'s' if len(problems) != 1 else ''}; nothing "
                                             "was stored", code="preflight",
                                      problems=[p.as_dict() for p in problems])
-            scores = scoring.score_result(up.result, self.gold, judge=self.config.judge,
+            scores = scoring.score_result(up.result_bytes, self.gold, judge=self.config.judge,
                                           workers=self.config.score_workers,
                                           progress=lambda f, m: step(0.1 + 0.85 * f, m))
             step(0.97, "saving")
@@ -167,8 +168,16 @@ class LeaderboardService:
             return SubmitOutcome(False, str(e), code=e.code)
         except QuotaExceeded:
             return SubmitOutcome(False, str(self._quota_error(team)), code="daily_limit")
+        except ResourceError as e:  # the server's fault (WordNet/GloVe missing), not the upload's
+            log.error("scoring resource missing: %s", e)
+            return SubmitOutcome(False, f"the server cannot score right now ({e}); nothing was "
+                                        "stored, please tell the organisers", code="server_error")
         except PescError as e:  # the result parses but is malformed in a way the check let through
             return SubmitOutcome(False, str(e), code="invalid")
+        except Exception:  # noqa: BLE001 - a bug must not leave a half-done submission or a trace
+            log.exception("submission failed")
+            return SubmitOutcome(False, "an internal error stopped the scoring; nothing was stored, "
+                                        "please tell the organisers", code="internal")
         if not added.created:
             return self._duplicate(self.store.get(added.id, with_turns=False))
         if model_ref:
@@ -262,13 +271,13 @@ class LeaderboardService:
             self.baseline_status = f"scoring baseline {name} ({i + 1}/{len(scoring.BASELINES)})"
             if progress:
                 progress(i / len(scoring.BASELINES), self.baseline_status)
-            result, data = scoring.baseline_result(name, self.gold)
+            data = scoring.baseline_result(name, self.gold)
             sha = sha256(data)
             row = self.store.find_by_result_sha(sha)
             if row is not None and row["gold_sha"] == self.gold.sha:
                 ids.append(row["id"])
                 continue
-            scores = scoring.score_result(result, self.gold, judge=self.config.judge,
+            scores = scoring.score_result(data, self.gold, judge=self.config.judge,
                                           workers=self.config.score_workers)
             if row is not None:
                 self.store.update_scores(row["id"], scores)
@@ -445,14 +454,15 @@ class LeaderboardService:
 
     def _rescore(self, sub_id: int):
         row = self.store.get(sub_id, with_turns=False)
-        result = parse_result_json(self.store.blob(row["result_sha"]), self.config.limits)
+        data = self.store.blob(row["result_sha"])
+        result = parse_result_json(data, self.config.limits)
         problems = scoring.preflight(result, self.gold, self.config.limits.max_reply_chars)
         if problems:
             first = problems[0]
             raise PescError(f"submission #{sub_id} does not fit the current gold ({len(problems)} "
                             f"problems; first: dialogue {first.dialogue_id}, turn {first.turn}: "
                             f"{first.message}); not re-scored")
-        scores = scoring.score_result(result, self.gold, judge=self.config.judge,
+        scores = scoring.score_result(data, self.gold, judge=self.config.judge,
                                       workers=self.config.score_workers)
         self.store.update_scores(sub_id, scores)
         if row["model_ref"] and row["kl_status"] != "done":

@@ -259,3 +259,30 @@ def test_new_gold_file_hides_stale_scores_until_rescored(tmp_path):
     expect = score(str(RESULT), str(gold2), mode="official", workers=1, progress=False)
     assert new_total == round(100 * expect.metrics["total_no_g"], 2)
     svc2.close()
+
+
+def test_server_side_failures_store_nothing_and_say_so(tmp_path, monkeypatch):
+    from leaderboard import scoring
+    from pesc.metrics.offline import ResourceError
+
+    svc = make_service(tmp_path)
+    before = svc.store.counts()
+
+    def missing(*a, **k):
+        raise ResourceError("WordNet 3.0 not found: apt-get install wordnet-base")
+
+    monkeypatch.setattr(scoring, "score_result", missing)
+    out = svc.submit(RESULT, "Team F", "s")
+    assert out.code == "server_error" and "WordNet 3.0 not found" in out.message
+    assert "tell the organisers" in out.message
+
+    def bug(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(scoring, "score_result", bug)
+    out = svc.submit(RESULT, "Team F", "s")
+    assert out.code == "internal" and "boom" not in out.message and "nothing was stored" in out.message
+    assert svc.store.counts() == before
+    monkeypatch.undo()
+    assert svc.submit(RESULT, "Team F", "s").created      # the quota was not consumed by failures
+    svc.close()

@@ -40,7 +40,7 @@ def _common(p, *, loss: bool = False) -> None:
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", default=[], help="override any config option")
 
 
-def build_config(args, *, lora_field: str | None = None):
+def build_config(args, *, lora_field: str | None = None, default_out: str = "runs/{preset}"):
     from pesc.cli.run import parse_overrides
     from pesc.training.config import load_config
 
@@ -63,7 +63,7 @@ def build_config(args, *, lora_field: str | None = None):
     if args.out:
         cfg.output_dir = args.out
     elif "output_dir" not in overrides and not (args.config and _yaml_has_output(args.config)):
-        cfg.output_dir = f"runs/{cfg.preset}"
+        cfg.output_dir = default_out.format(preset=cfg.preset)
     return cfg
 
 
@@ -180,9 +180,7 @@ def cmd_sweep(args) -> int:
     from pesc.training.stages import is_main_process
     from pesc.training.sweep import format_table, parse_loss_specs, run_sweep
 
-    cfg = build_config(args)
-    if not args.out and "output_dir" not in (args.set or []):
-        cfg.output_dir = f"runs/sweep-{cfg.preset}"
+    cfg = build_config(args, default_out="runs/sweep-{preset}")
     specs = parse_loss_specs(args.losses or "research")
     table = run_sweep(cfg, specs)
     if is_main_process():

@@ -333,6 +333,9 @@ def cache_teacher(cfg: RunConfig, data=None, *, out: str | None = None, overwrit
     from pesc.models import load_model, load_tokenizer
     from pesc.training.teacher_cache import build_teacher_cache
 
+    if world_size() > 1:
+        raise ConfigError("run pesc cache-teacher as one process (not under torchrun): it runs the teacher "
+                          "once, without gradients; distillation from the cache can then use many processes")
     ctx = build_context(cfg, data)
     teacher_path = trained_teacher_path(ctx)
     if len(load_tokenizer(teacher_path)) != ctx.vocab:

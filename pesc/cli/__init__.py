@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "pesc.cli.train",
     "pesc.cli.score",
     "pesc.cli.leaderboard",
+    "pesc.cli.submission",
 ]
 
 

@@ -66,10 +66,11 @@ class TeacherSignal:
 
     @classmethod
     def topk_from_logits(cls, logits: torch.Tensor, k: int, temperature: float = 1.0) -> "TeacherSignal":
-        """The sparse signal a top-k cache would hold for these logits (float32 log-probabilities)."""
+        """The sparse signal a top-k cache would hold for these logits (float32 log-probabilities;
+        float64 logits stay float64)."""
         if k < 1 or k > logits.shape[-1]:
             raise ConfigError(f"top-k cache size must be in [1, {logits.shape[-1]}], got {k}")
-        lp = torch.log_softmax(logits.detach().float() / temperature, dim=-1)
+        lp = torch.log_softmax(logits.detach().to(compute_dtype(logits)) / temperature, dim=-1)
         vals, ids = lp.topk(k, dim=-1)
         return cls(topk_ids=ids, topk_logprobs=vals, rest_logmass=rest_logmass(vals),
                    temperature=temperature)
@@ -96,7 +97,7 @@ class TeacherSignal:
 
 def rest_logmass(topk_logprobs: torch.Tensor) -> torch.Tensor:
     """log(1 - sum exp(topk_logprobs)) computed stably (-inf when the top k hold all the mass)."""
-    s = torch.logsumexp(topk_logprobs.float(), dim=-1).clamp(max=0.0)
+    s = torch.logsumexp(topk_logprobs.to(compute_dtype(topk_logprobs)), dim=-1).clamp(max=0.0)
     # log(1 - e^s) = log(-expm1(s)); for s close to 0 use log1p(-exp(s)) to keep precision.
     return torch.where(s > -math.log(2.0), torch.log(-torch.expm1(s)), torch.log1p(-torch.exp(s)))
 

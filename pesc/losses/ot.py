@@ -14,7 +14,8 @@ Sinkhorn's algorithm alternates the two c-transforms
     g_j = -eps log sum_i a_i exp((f_i - C_ij) / eps),   f_i = -eps log sum_j b_j exp((g_j - C_ij) / eps)
 
 (column update first, then row update, as POT's `sinkhorn_knopp`/`sinkhorn_log`, starting from
-f = -eps log a, i.e. POT's u = 1). After the row update the plan has the exact row marginal a.
+POT's u = 1 on the support of a, so zero-mass padding never changes the iterates). After the row
+update the plan has the exact row marginal a.
 
 Everything is batched over a leading problem axis: C (N, n, m), a (N, n), b (N, m). Masses may be 0
 (padding or duplicate support points): those rows/columns carry no plan mass and their potentials
@@ -136,17 +137,18 @@ def sinkhorn(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, epsilon: float, 
     return SinkhornResult(log_u, log_v, f, g, float(epsilon), iters_done, how)
 
 
-def _start(shift, eps):
-    """u = 1 in the unshifted problem (POT's start), expressed for K = exp(-(C - shift) / eps)."""
+def _start(shift, eps, a):
+    """u = 1 on the support of a in the unshifted problem (POT's start, blind to zero-mass padding),
+    expressed for K = exp(-(C - shift) / eps)."""
     sh = shift.squeeze(-1)
-    return torch.exp((sh.amin(-1, keepdim=True) - sh) / eps)
+    return torch.exp((sh.amin(-1, keepdim=True) - sh) / eps) * (a > 0)
 
 
 def _scaling_block(C, a, b, eps, n_iters, tol, check_every):
     shift = C.amin(-1, keepdim=True)                       # row-wise: every row of K has a 1
     K = torch.exp((shift - C) / eps)                       # (B, n, m)
     KT = K.transpose(1, 2).contiguous()                    # (B, m, n): both products read rows
-    u = _start(shift, eps)
+    u = _start(shift, eps, a)
     v = torch.ones_like(b)
     it = 0
     for it in range(1, n_iters + 1):
@@ -169,7 +171,7 @@ def _scaling_block(C, a, b, eps, n_iters, tol, check_every):
 def _log_block(C, a, b, eps, n_iters, tol, check_every):
     Ce = C / eps
     la, lb = torch.log(a), torch.log(b)
-    lu = torch.zeros_like(a)
+    lu = torch.where(a > 0, 0.0, -math.inf).to(a.dtype)
     lv = torch.zeros_like(b)
     it = 0
     for it in range(1, n_iters + 1):
@@ -223,7 +225,7 @@ def _unrolled(C, a, b, epsilon, n_iters, method, value):
     if how == "scaling":
         shift = C.detach().amin(-1, keepdim=True)
         K = torch.exp((shift - C) / eps)
-        u = _start(shift, eps)
+        u = _start(shift, eps, a)
         v = torch.ones_like(b)
         for _ in range(n_iters):
             v = b / torch.bmm(u.unsqueeze(1), K).squeeze(1)
@@ -238,7 +240,7 @@ def _unrolled(C, a, b, epsilon, n_iters, method, value):
         la, lb = torch.log(a.clamp(min=tiny)), torch.log(b.clamp(min=tiny))
         la = torch.where(a > 0, la, torch.full_like(la, -math.inf))
         lb = torch.where(b > 0, lb, torch.full_like(lb, -math.inf))
-        lu = torch.zeros_like(a)
+        lu = torch.where(a > 0, 0.0, -math.inf).to(a.dtype)
         lv = torch.zeros_like(b)
         for _ in range(n_iters):
             lv = lb - torch.logsumexp(lu.unsqueeze(-1) - Ce, dim=1)

@@ -172,8 +172,10 @@ class SinkhornLoss(DistillLoss):
             else:
                 nn.init.orthogonal_(proj.weight)
                 proj.weight.mul_((dt / ds) ** 0.5 if ds < dt else 1.0)
-        device = student_embeddings.device if student_embeddings is not None else None
-        self.projection = proj.to(device) if device is not None else proj
+        if student_embeddings is not None:   # float32 master weights (float64 for float64 checks)
+            dtype = torch.float64 if student_embeddings.dtype == torch.float64 else torch.float32
+            proj = proj.to(device=student_embeddings.device, dtype=dtype)
+        self.projection = proj
         return self
 
     # -- forward ----------------------------------------------------------------------------------

@@ -230,14 +230,20 @@ def build_app(service: LeaderboardService, chat: ChatService | None = None) -> g
         outcome = service.submit(path, team, system, model_ref,
                                  upload_name=Path(path).name if path else None,
                                  progress=lambda f, m: progress(min(max(f, 0.0), 1.0), desc=m))
-        icon = "✅" if outcome.ok else "❌"
-        status = f"{icon} **{'Accepted' if outcome.created else 'Not stored' if not outcome.ok else 'Already on the board'}**: {outcome.message}"
+        verdict = ("Accepted" if outcome.created else "Already on the board" if outcome.ok
+                   else "Not stored")
+        status = f"{'✅' if outcome.ok else '❌'} **{verdict}**: {outcome.message}"
         if outcome.ok and outcome.summary:
             s = outcome.summary
+
+            def pct(v):
+                return "–" if v is None else f"{_fmt_pct(v):.2f}"
+
             rank = f"rank {s['rank']}, " if s.get("rank") else ""
-            status += (f"\n\n{rank}total (no G) **{_fmt_pct(s['total'])}**, corrected total "
-                       f"**{_fmt_pct(s['corrected_total'])}**. Open it on the Submission tab "
-                       f"(id {outcome.submission_id}).")
+            status += (f"\n\n{rank}total (no G) **{pct(s['total'])}**, corrected total "
+                       f"**{pct(s['corrected_total'])}**. [Open submission #{outcome.submission_id}]"
+                       f"(?submission={outcome.submission_id}) (or the Submission tab, id "
+                       f"{outcome.submission_id}).")
         probs = outcome.problems
         return (status, gr.Markdown(value=problems_markdown(probs), visible=bool(probs)),
                 outcome.as_dict(),
@@ -268,10 +274,9 @@ def build_app(service: LeaderboardService, chat: ChatService | None = None) -> g
         return gr.Tabs(selected="submission"), sid, header, flags, turns
 
     def on_load(request: gr.Request):
-        sid = None
-        if request is not None:
-            sid = request.query_params.get("submission")
-        if sid:
+        raw = request.query_params.get("submission") if request is not None else None
+        if raw:
+            sid = int(raw) if raw.strip().isdigit() else None
             header, flags, turns = open_submission(sid)
             return gr.Tabs(selected="submission"), sid, header, flags, turns
         return gr.Tabs(), None, "", "", pd.DataFrame(columns=TURN_COLUMNS)

@@ -70,6 +70,10 @@ def test_upload_row_and_submission_page_in_chromium(tmp_path, chromium, capsys):
             expect(header).to_contain_text("Browser Team")
             expect(page.get_by_text("Per-turn scores, worst first")).to_be_visible()
             page.screenshot(path=str(shot), full_page=True)
+            # a submission page has its own address
+            page.goto(url.rstrip("/") + "/?submission=1")
+            expect(page.locator("#lb-sub-header")).to_contain_text("Submission #1")
+            expect(page.locator("#lb-sub-header")).to_contain_text("baseline")
             browser.close()
     finally:
         demo.close()

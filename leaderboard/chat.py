@@ -8,12 +8,16 @@ model's reply (if any) comes after it. The crisis message is never fed back to t
 from __future__ import annotations
 
 import json
+import logging
+import queue
 import threading
 from typing import Callable, Iterator
 
 from leaderboard.safety import CRISIS_REPLY, crisis_match
 from pesc.data.dialogue import PROFILE_FIELDS, SEEKER, SUPPORTER, Turn, merge_consecutive
 from pesc.errors import ConfigError, PescError
+
+log = logging.getLogger("pesc.leaderboard")
 
 Message = dict  # {"role": "user" | "assistant", "content": str}
 StreamFn = Callable[..., Iterator[str]]
@@ -62,6 +66,32 @@ def profile_text(profile: dict) -> str:
     return json.dumps({k: profile[k] for k in keys}, indent=2, ensure_ascii=False)
 
 
+def message_text(content) -> str | None:
+    """The text of a chat message's content: a string, or Gradio 6's list of parts
+    ([{"type": "text", "text": ...}, ...]; files and components have no text and are skipped)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        content = [content]
+    if isinstance(content, (list, tuple)):
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type", "text") == "text"
+                 and isinstance(p.get("text"), str)]
+        return "\n".join(texts) if texts else None
+    return None
+
+
+def normalise_history(messages) -> list[Message]:
+    """Chat history from the UI or the API as [{"role", "content": str}], non-text parts dropped."""
+    out = []
+    for m in messages or []:
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            continue
+        text = message_text(m.get("content"))
+        if text is not None:
+            out.append({"role": m["role"], "content": text})
+    return out
+
+
 def is_notice(content) -> bool:
     """The crisis reply and the app's own italic notes are not part of the dialogue."""
     return not isinstance(content, str) or content == CRISIS_REPLY or (
@@ -95,12 +125,42 @@ class ModelPool:
             return self._loaded[name]
 
 
+def _guarded(stream: Iterator[str], idle_timeout: float) -> Iterator[tuple[str, str]]:
+    """Items of `stream` as ("item", text), then ("done", "") or ("idle", "") when no new item came
+    for `idle_timeout` seconds. The stream runs in its own thread, so a model that stalls (or a
+    generator that does not return after its last token) cannot hold the chat forever."""
+    q: queue.Queue = queue.Queue()
+
+    def pump():
+        try:
+            for x in stream:
+                q.put(("item", x))
+            q.put(("done", ""))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(("error", e))
+
+    threading.Thread(target=pump, daemon=True, name="chat-stream").start()
+    while True:
+        try:
+            kind, value = q.get(timeout=idle_timeout)
+        except queue.Empty:
+            yield "idle", ""
+            return
+        if kind == "error":
+            raise value
+        yield kind, value
+        if kind == "done":
+            return
+
+
 class ChatService:
     def __init__(self, models: list[str], stream_fn: StreamFn | None = None,
-                 options: dict | None = None):
+                 options: dict | None = None, idle_timeout: float = 30.0):
         self.pool = ModelPool(models)
         self._stream_fn = stream_fn
         self.options = dict(DEFAULT_OPTIONS if options is None else options)
+        self.idle_timeout = idle_timeout
+        self.idle_stops = 0     # replies ended because the model went quiet (see _guarded)
 
     @property
     def models(self) -> list[str]:
@@ -118,8 +178,8 @@ class ChatService:
     def respond(self, message: str, history: list[Message] | None, profile: dict,
                 model_name: str | None) -> Iterator[list[Message]]:
         """Yield the growing conversation after `message` (the UI re-renders each yield)."""
-        history = [dict(m) for m in (history or [])]
-        message = (message or "").strip()
+        history = normalise_history(history)
+        message = (message_text(message) or "").strip()
         if not message:
             yield history
             return
@@ -141,9 +201,15 @@ class ChatService:
         turns = history_turns(history)
         history.append({"role": "assistant", "content": ""})
         try:
-            for partial in self._stream(model_name, profile, turns):
-                history[-1] = {"role": "assistant", "content": partial}
-                yield [dict(m) for m in history]
+            for kind, partial in _guarded(self._stream(model_name, profile, turns), self.idle_timeout):
+                if kind == "idle":
+                    self.idle_stops += 1
+                    log.warning("chat: no new text from %s for %.0f s; reply closed", model_name,
+                                self.idle_timeout)
+                    break
+                if kind == "item":
+                    history[-1] = {"role": "assistant", "content": partial}
+                    yield [dict(m) for m in history]
         except PescError as e:
             history[-1] = {"role": "assistant", "content": f"_The model could not answer: {e}_"}
             yield history

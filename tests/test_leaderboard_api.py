@@ -46,11 +46,12 @@ def app(tmp_path_factory, smoke):
                             kl_model_roots=[smoke["root"]], kl_max_examples=12)
     service = LeaderboardService(cfg)
     service.ensure_baselines()
-    chat = ChatService(cfg.models, options={"max_new_tokens": 12, "do_sample": False})
+    # idle_timeout bounds a reply whose stream stalls; see test_chat_stream_ends_after_last_token
+    chat = ChatService(cfg.models, options={"max_new_tokens": 12, "do_sample": False}, idle_timeout=5)
     demo, url = launch(service, chat, host="127.0.0.1", port=free_port(), block=False, quiet=True)
     client = Client(url, verbose=False, download_files=str(tmp / "downloads"))
     yield {"service": service, "url": url, "client": client, "tmp": tmp, "model": smoke["student"],
-           "smoke": smoke}
+           "smoke": smoke, "chat": chat}
     demo.close()
     service.close()
 
@@ -183,26 +184,59 @@ def test_kl_of_a_submitted_model(app):
     assert f"{student['per_token_mean']:.4f} per token" in header
 
 
+def _texts(history) -> list[str]:
+    """Message texts of a Chatbot value (Gradio 6 sends content as a list of text parts)."""
+    from leaderboard.chat import message_text
+
+    return [message_text(m["content"]) for m in history]
+
+
 def test_chat_streams_and_crisis_reply_comes_first(app):
-    client = app["client"]
+    client, chat = app["client"], app["chat"]
     profile = client.predict("9002", api_name="/profile")
     assert json.loads(profile)["Name"] == "Tomas Reyes"
     job = client.submit("I failed my exam and feel bad.", [], profile, app["model"], api_name="/chat")
     history, box = job.result(timeout=120)
-    assert box == "" and history[0]["content"] == "I failed my exam and feel bad."
-    assert history[1]["role"] == "assistant" and history[1]["content"].strip()
-    assert history[1]["content"] != CRISIS_REPLY
+    texts = _texts(history)
+    assert box == "" and texts[0] == "I failed my exam and feel bad."
+    assert history[1]["role"] == "assistant" and texts[1].strip() and texts[1] != CRISIS_REPLY
+    partials = [_texts(h)[-1] for h, _ in job.outputs() if len(h) == 2]
+    assert len(partials) >= 2 and partials[-1] == texts[1]      # streamed, growing reply
     # a crisis message: the fixed reply is streamed out before any model text
     job = client.submit("Honestly I want to kill myself.", history, profile, app["model"],
                         api_name="/chat")
     final, _ = job.result(timeout=120)
-    outputs = job.outputs()
-    first_with_reply = next(h for h, _ in outputs if len(h) > len(history) + 1)
-    assert first_with_reply[len(history) + 1]["content"] == CRISIS_REPLY
-    assert [m["content"] for m in final[len(history):len(history) + 2]] == [
-        "Honestly I want to kill myself.", CRISIS_REPLY]
-    assert len(final) == len(history) + 3 and final[-1]["content"].strip()   # then the model
+    first_with_reply = next(h for h, _ in job.outputs() if len(h) > len(history) + 1)
+    assert _texts(first_with_reply)[len(history) + 1] == CRISIS_REPLY
+    assert _texts(final)[len(history):len(history) + 2] == ["Honestly I want to kill myself.",
+                                                             CRISIS_REPLY]
+    assert len(final) == len(history) + 3 and _texts(final)[-1].strip()   # then the model
     assert client.predict(api_name="/chat_reset") == ([], "")
+
+
+def test_chat_stream_ends_after_last_token(smoke):
+    """The chat relies on pesc.generation.stream_reply returning once the reply is complete (here:
+    after max_new_tokens). A stream that keeps the generator open would hold the one chat slot until
+    the idle guard gives up."""
+    import threading
+
+    from pesc.data.dialogue import Turn
+    from pesc.generation import GenerationOptions, stream_reply
+    from pesc.models import load_model, load_tokenizer
+
+    model, tok = load_model(smoke["student"], device="cpu"), load_tokenizer(smoke["student"])
+    parts, done = [], threading.Event()
+
+    def run():
+        for x in stream_reply(model, tok, {"Name": "Ai"}, [Turn("seeker", "I feel alone.")],
+                              options=GenerationOptions(max_new_tokens=6, do_sample=False)):
+            parts.append(x)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(30), (f"stream_reply yielded {parts!r} but did not return within 30 s after "
+                           "its last token (it waits on the exhausted TextIteratorStreamer)")
+    assert parts and parts[-1].strip()
 
 
 def test_references_hidden_when_operator_says_so(tmp_path):

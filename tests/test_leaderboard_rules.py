@@ -280,3 +280,44 @@ def test_chat_without_model_and_profile_parsing():
         parse_profile("just some words")
     prof = json.loads(GOLD.read_text())["9003"]["character"]
     assert json.loads(profile_text(prof)) == prof
+
+
+def test_a_stalled_model_cannot_hold_the_chat():
+    import time
+
+    release = threading.Event()
+
+    def stalls(name, profile, turns):
+        yield "Thank you for telling me"
+        release.wait(30)          # never returns on its own within the test
+        yield "too late"
+
+    chat = ChatService(["m"], stream_fn=stalls, idle_timeout=0.5)
+    t0 = time.monotonic()
+    final = list(chat.respond("hello", [], {}, "m"))[-1]
+    assert time.monotonic() - t0 < 5
+    assert final[-1] == {"role": "assistant", "content": "Thank you for telling me"}
+    assert chat.idle_stops == 1
+    release.set()
+
+    def fails(name, profile, turns):
+        yield "partial"
+        raise PescError("the prompt does not fit the model")
+
+    final = list(ChatService(["m"], stream_fn=fails).respond("hi", [], {}, "m"))[-1]
+    assert final[-1]["content"] == "_The model could not answer: the prompt does not fit the model_"
+    # the app's own notes are not fed back to the model as supporter turns
+    assert [t.role for t in history_turns(final)] == ["seeker"]
+
+
+def test_gradio6_message_parts_reach_the_model_as_history():
+    fake = FakeModel()
+    chat = ChatService(["tiny"], stream_fn=fake)
+    history = [{"role": "user", "content": [{"type": "text", "text": "I lost my job."}]},
+               {"role": "assistant", "content": [{"type": "text", "text": "That must be a shock."}],
+                "metadata": None},
+               {"role": "assistant", "content": [{"type": "file", "file": {"path": "x.png"}}]}]
+    final = list(chat.respond("What do I do now?", history, {}, "tiny"))[-1]
+    assert fake.calls[-1][2] == [("seeker", "I lost my job."), ("supporter", "That must be a shock."),
+                                 ("seeker", "What do I do now?")]
+    assert final[0] == {"role": "user", "content": "I lost my job."}

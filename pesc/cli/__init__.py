@@ -33,9 +33,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_loss_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pull `--loss.KEY VALUE` / `--loss.KEY=VALUE` out of argv (argparse cannot declare them).
+
+    Returns (remaining argv, ["KEY=VALUE", ...]); the pairs become the loss's parameters.
+    """
+    rest, pairs = [], []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--loss."):
+            key = tok[len("--loss."):]
+            if "=" in key:
+                pairs.append(key)
+            elif i + 1 < len(argv):
+                pairs.append(f"{key}={argv[i + 1]}")
+                i += 1
+            else:
+                raise PescError(f"{tok} needs a value")
+        else:
+            rest.append(tok)
+        i += 1
+    return rest, pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    try:
+        argv, loss_pairs = split_loss_args(list(sys.argv[1:] if argv is None else argv))
+    except PescError as e:
+        parser.error(str(e))
     args = parser.parse_args(argv)
+    args.loss_args = loss_pairs
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

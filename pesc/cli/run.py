@@ -29,7 +29,9 @@ def register(sub) -> None:
     p.add_argument("--data", help="directory with the PESC files (train.json and/or val.json, test.json); "
                                   "default: the small sample set shipped with pesc")
     p.add_argument("--out", help="run directory (default runs/<preset>-<loss>)")
-    p.add_argument("--loss", help="distillation loss name (see `pesc losses`)")
+    p.add_argument("--loss", help="distillation loss name, e.g. fkl, l1, w1_cdf, sinkhorn, hybrid, layer_emd; "
+                                  "its parameters follow as --loss.KEY VALUE (e.g. --loss.cost euclidean "
+                                  "--loss.topk 100 --loss.epsilon 0.1)")
     p.add_argument("--alpha", type=float, help="weight of the distillation term: (1-a) CE + a D")
     p.add_argument("--temperature", type=float, help="distillation temperature")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", default=[],
@@ -47,6 +49,10 @@ def main(args) -> int:
             overrides[name] = getattr(args, name)
     if args.data:
         overrides["data"] = args.data
+    if getattr(args, "loss_args", None):
+        from pesc.losses import parse_loss_args
+
+        overrides["loss_params"] = parse_loss_args(args.loss_args, overrides.get("loss"))
     cfg = load_config(args.preset, args.config, overrides)
     if args.out:
         cfg.output_dir = args.out

@@ -47,7 +47,8 @@ turn index (a mismatch is an error), sign-aware vector extrema with lowercase Gl
 leading `supporter:` stripped. It is shown beside the official numbers, never mixed with them.
 
 **KL**: when a team gives a model reference and the server has a teacher configured, the mean
-per-token KL(teacher || student) over the reference supporter turns (teacher forcing, temperature 1).
+per-token KL(teacher || student) over {config.kl_max_examples or "all"} reference supporter turns (teacher
+forcing, temperature 1; the per-example sum is on the submission page).
 
 **Baselines** (rows marked ◆): echo the seeker's last turn, a random reference reply from another
 dialogue, one fixed generic sentence, and the references themselves. A system should beat the first

@@ -302,7 +302,8 @@ def build_app(service: LeaderboardService, chat: ChatService | None = None) -> g
             return f"❌ {e}"
 
     # --------------------------------------------------------------- layout
-    with gr.Blocks(title=cfg.title) as demo:
+    # uploaded files live in Gradio's cache: swept hourly, kept a day (the database has a copy)
+    with gr.Blocks(title=cfg.title, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"# {cfg.title}\nNLPCC 2025 shared task 8, Personalized Emotional Support "
                     f"Conversation. Reference file: `{service.gold.path.name}` "
                     f"({len(service.gold.dialogues)} dialogues, {service.gold.n_turns} supporter turns).")
@@ -319,7 +320,9 @@ def build_app(service: LeaderboardService, chat: ChatService | None = None) -> g
                                if cfg.judge is not None or c not in NEEDS_JUDGE])
                 baseline_note = gr.Markdown()
                 table = gr.Dataframe(interactive=False, show_search="filter", elem_id="lb-table",
-                                     label="Ranked by official total (x 100); click a row to open it",
+                                     label=f"Ranked by the official total "
+                                           f"{'with' if cfg.judge is not None else 'without'} G "
+                                           "(x 100); click a row to open it",
                                      max_height=600, wrap=False)
                 with gr.Row():
                     refresh = gr.Button("Refresh", size="md")

@@ -319,13 +319,15 @@ class LeaderboardService:
                 return i
         return None
 
-    @staticmethod
-    def _sort_key(r: dict):
-        key = r["total_g"] if r["total_g"] is not None else r["total"]
-        return (-(key if key is not None else -1.0), r["created_at"], r["id"])
+    @property
+    def rank_key(self) -> str:
+        """The ranking column: the total with G when the server has a judge, else without G.
+        Rows without that number (e.g. scored before the judge was configured) come last."""
+        return "total_g" if self.config.judge is not None else "total"
 
     def _sorted(self, rows: list[dict]) -> list[dict]:
-        return sorted(rows, key=self._sort_key)
+        key = self.rank_key
+        return sorted(rows, key=lambda r: (r[key] is None, -(r[key] or 0.0), r["created_at"], r["id"]))
 
     def board(self, *, include_baselines: bool = True, query: str = "", flagged: str = "all",
               columns: list[str] | None = None) -> pd.DataFrame:

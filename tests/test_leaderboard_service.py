@@ -286,3 +286,32 @@ def test_server_side_failures_store_nothing_and_say_so(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert svc.submit(RESULT, "Team F", "s").created      # the quota was not consumed by failures
     svc.close()
+
+
+def test_with_a_judge_the_board_ranks_by_the_total_with_g(tmp_path):
+    from leaderboard.scoring import baseline_result
+    from pesc.metrics.judge import Judge
+
+    class CopyHatingJudge(Judge):
+        """Rates 1 when the reply repeats the seeker turn, else 5 (a stand-in for an LLM judge)."""
+        identity = "stub-judge"
+
+        def _ask(self, items, attempt):
+            return [("1" if it.prediction.strip() == it.input.strip() else "5", None) for it in items]
+
+    plain = make_service(tmp_path / "plain")
+    judged = make_service(tmp_path / "judged", judge=CopyHatingJudge(cache=False))
+    for svc in (plain, judged):
+        for name in ("echo", "random"):
+            assert svc.submit(baseline_result(name, svc.gold), f"Team {name}", name).created
+    # without G the echo submission edges out the random one; the judge reverses that
+    assert list(plain.board()["system"]) == ["echo", "random"]
+    board = judged.board()
+    assert list(board["system"]) == ["random", "echo"] and list(board["rank"]) == ["1", "2"]
+    g = dict(zip(board["system"], board["G-Score"]))
+    assert g == {"random": 100.0, "echo": 20.0}
+    rows = {r["system"]: r for r in judged.store.list_submissions()}
+    for name, r in rows.items():
+        assert r["total_g"] == pytest.approx(r["total"] + 0.1 * r["official"]["gscore"], abs=1e-12)
+    plain.close()
+    judged.close()

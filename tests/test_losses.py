@@ -361,3 +361,47 @@ def test_gradcheck_float64(name):
         h = case.hs[1].clone().requires_grad_()
         assert torch.autograd.gradcheck(
             lambda x: case(s.detach(), t, mask, hs=(case.hs[0], x) + case.hs[2:]).value, (h,), eps=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# with real (tiny, random) transformer models, called the way the distillation trainer calls
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    from pesc.models.smoke import tiny_model
+
+    teacher = tiny_model(vocab_size=48, layers=3, hidden=32, seed=1).eval()
+    student = tiny_model(vocab_size=48, layers=2, hidden=16, seed=2)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 48, (2, 9), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100          # prompt tokens are never targets
+    labels[1, :6] = -100
+    return teacher, student, ids, labels
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_loss_trains_a_tiny_transformer_student(name, tiny_models):
+    teacher, student, ids, labels = tiny_models
+    student.zero_grad()
+    params = {"topk": 5} if name in ("sinkhorn", "hybrid") else {}
+    loss = build_loss(name, temperature=2.0, vocab_size=48, **params)
+    s_emb, t_emb = student.get_input_embeddings().weight, teacher.get_input_embeddings().weight
+    loss.prepare(student_embeddings=s_emb, teacher_embeddings=t_emb, student_hidden_size=16, teacher_hidden_size=32,
+                 student_layers=2, teacher_layers=3)
+    with torch.no_grad():
+        t_out = teacher(input_ids=ids, output_hidden_states=True)
+    s_out = student(input_ids=ids, output_hidden_states=True)
+    mask = shift_for_distillation(labels)
+    out = loss(s_out.logits[:, :-1], TeacherSignal(logits=t_out.logits[:, :-1], hidden_states=t_out.hidden_states),
+               mask, num_items=int(mask.sum()), student_hidden=s_out.hidden_states, student_embeddings=s_emb,
+               teacher_embeddings=t_emb)
+    assert torch.isfinite(out.value) and out.value.item() > 0 and name in out.parts
+    out.value.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    for p in loss.parameters():          # the loss's own parameters (projections) learn too
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0

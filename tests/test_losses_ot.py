@@ -346,3 +346,16 @@ def test_layer_emd_with_attention_maps_and_logit_term():
     assert out.parts["emd_attention"] == pytest.approx(ot.emd2(np.full(M, 0.5), np.full(N, 0.5), Da.numpy()), rel=1e-9)
     with pytest.raises(ValueError, match="attention maps"):
         loss(s, TeacherSignal(logits=t, hidden_states=ht), mask, student_hidden=hs, student_attentions=a_s)
+
+
+def test_exported_problems_reproduce_the_loss_with_pot():
+    s, t, Es, Et, mask = _setup(seed=11)
+    loss = build_loss("sinkhorn", topk=4, iters=50, value="linear", masses="rest", cost="euclidean").double()
+    loss.prepare(student_embeddings=Es, teacher_embeddings=Et)
+    kw = dict(student_embeddings=Es, teacher_embeddings=Et)
+    out = loss(s, TeacherSignal(logits=t), mask, **kw)
+    problems = loss.export_problems(s, TeacherSignal(logits=t), mask, **kw)
+    assert len(problems) == int(mask.sum()) and all(C.shape == (a.numel(), b.numel()) for a, b, C in problems)
+    ref = np.mean([ot.sinkhorn2(a.numpy(), b.numpy(), C.numpy(), 0.1, numItermax=50, stopThr=0.0)
+                   for a, b, C in problems])
+    assert out.value.item() == pytest.approx(ref, rel=1e-9)

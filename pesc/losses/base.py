@@ -476,8 +476,8 @@ def log_tiny(dtype: torch.dtype) -> float:
 
 def chunk_rows(width: int, n_rows: int, temps: int, memory_mb: float, itemsize: int = 4) -> int:
     """Rows per chunk so that `temps` (rows x width) temporaries fit in `memory_mb`, and at most a
-    quarter of all rows (so temporaries stay well below one full-size tensor)."""
+    sixteenth of all rows (so temporaries stay well below one full-size tensor)."""
     per_row = max(1, width * temps * itemsize)
     rows = int(memory_mb * 2**20 // per_row)
-    return max(1, min(rows, max(1, -(-n_rows // 4)), n_rows))
+    return max(1, min(rows, max(1, -(-n_rows // 16)), n_rows))
 

@@ -126,15 +126,35 @@ def sinkhorn(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, epsilon: float, 
     log_v = torch.empty(N, m, dtype=dtype, device=C.device)
     f = torch.empty_like(log_u)
     g = torch.empty_like(log_v)
-    iters_done = 0
     blk = _block(n, m, C.element_size())
-    for s in range(0, N, blk):
-        sl = slice(s, s + blk)
-        run = _scaling_block if how == "scaling" else _log_block
+    run = _scaling_block if how == "scaling" else _log_block
+
+    def solve(sl):
         lu, lv, ff, gg, it = run(C[sl], a[sl], b[sl], epsilon, n_iters, tol, check_every)
         log_u[sl], log_v[sl], f[sl], g[sl] = lu, lv, ff, gg
-        iters_done = max(iters_done, it)
+        return it
+
+    iters_done = max(_map_blocks(solve, [slice(s, s + blk) for s in range(0, N, blk)]))
     return SinkhornResult(log_u, log_v, f, g, float(epsilon), iters_done, how)
+
+
+def _map_blocks(fn, blocks: list) -> list:
+    """Run fn over independent problem blocks. The iterations are many small operations: instead of
+    splitting each one over the intra-op threads (a barrier per operation, which stalls whenever a
+    core is busy elsewhere), each of the threads solves whole blocks with single-threaded operations.
+    The intra-op thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    workers = min(threads, len(blocks))
+    if workers <= 1:
+        return [fn(bl) for bl in blocks]
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            return list(ex.map(fn, blocks))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _start(shift, eps, a):

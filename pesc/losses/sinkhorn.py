@@ -186,6 +186,45 @@ class SinkhornLoss(DistillLoss):
         return LossOutput(value, {self.name: float(value.detach()), **parts})
 
     def _ot(self, student_logits, teacher, mask, num_items, E_s, E_t):
+        pb = self._problems(student_logits, teacher, mask, E_s, E_t)
+        values, linear, err = point_cloud_ot(
+            pb["a"], pb["b"], pb["X"], pb["Y"], pb["index"], pb["index"], cost=self.cost, epsilon=self.epsilon,
+            n_iters=self.iters, tol=self.tol, value=self.value, grad=self.grad, normalize=self.normalize,
+            a_rest=pb["a_rest"], b_rest=pb["b_rest"], n_valid=pb["n_valid"], debias=self.debias,
+            method=self.method, memory_mb=self.memory_mb)
+        M = values.shape[0]
+        denom = self.denominator(num_items, M)
+        value = values.sum() / denom
+        parts = {"ot_linear": float(linear.sum() / denom), "ot_support": float(pb["n_valid"].float().mean()),
+                 "ot_marginal_err": float(err.mean())}
+        return value, parts
+
+    @torch.no_grad()
+    def export_problems(self, student_logits, teacher: TeacherSignal, mask, student_embeddings=None,
+                        teacher_embeddings=None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The OT problems this loss solves, one (a, b, C) per target position (row-major), with the
+        normalised costs and the rest point included: for comparisons with other solvers."""
+        from pesc.losses.ot import _Table, cost_scale, with_rest
+
+        pb = self._problems(student_logits, teacher, mask, student_embeddings, teacher_embeddings)
+        tx = _Table(pb["X"], self.cost)
+        ty = tx if pb["Y"] is pb["X"] else _Table(pb["Y"], self.cost)
+        out = []
+        for r in range(pb["a"].shape[0]):
+            n = int(pb["n_valid"][r])
+            j = pb["index"][r:r + 1, :n]
+            C = tx.costs(j, ty, j)
+            C = C / cost_scale(C, torch.ones_like(C, dtype=torch.bool), self.normalize)[:, None, None]
+            a, b = pb["a"][r:r + 1, :n], pb["b"][r:r + 1, :n]
+            if pb["a_rest"] is not None:
+                C = with_rest(C, C.amax((1, 2)))
+                a = torch.cat([a, pb["a_rest"][r:r + 1, None]], 1)
+                b = torch.cat([b, pb["b_rest"][r:r + 1, None]], 1)
+            out.append((a[0], b[0], C[0]))
+        return out
+
+    def _problems(self, student_logits, teacher, mask, E_s, E_t) -> dict:
+        """Support ids, masses (differentiable in the student logits) and point tables per position."""
         self.check_teacher(teacher)
         self.check_logits(student_logits, mask)
         if E_s is None:
@@ -299,16 +338,8 @@ class SinkhornLoss(DistillLoss):
             if self.projection is not None:
                 Y = Y @ self.projection.weight.to(dtype).t()
 
-        # 5. OT
-        values, linear, err = point_cloud_ot(
-            a, b, X, Y, inv, inv, cost=self.cost, epsilon=self.epsilon, n_iters=self.iters, tol=self.tol,
-            value=self.value, grad=self.grad, normalize=self.normalize, a_rest=a_rest, b_rest=b_rest,
-            n_valid=n_valid, debias=self.debias, method=self.method, memory_mb=self.memory_mb)
-        denom = self.denominator(num_items, M)
-        value = values.sum() / denom
-        parts = {"ot_linear": float(linear.sum() / denom), "ot_support": float(n_valid.float().mean()),
-                 "ot_marginal_err": float(err.mean())}
-        return value, parts
+        return {"a": a, "b": b, "a_rest": a_rest, "b_rest": b_rest, "X": X, "Y": Y, "index": inv,
+                "n_valid": n_valid}
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature:g}, topk={self.topk}, support={self.support}, masses={self.masses}, "

@@ -8,14 +8,13 @@ import threading
 import zipfile
 
 import pytest
-import sqlalchemy as sa
 
 from leaderboard.chat import ChatService, history_turns, parse_profile, profile_text
 from leaderboard.config import LeaderboardConfig
 from leaderboard.safety import CRISIS_REPLY, crisis_match, is_crisis
 from leaderboard.storage import QuotaExceeded, Store, team_key
 from leaderboard.uploads import UploadRejected, read_upload, sha256
-from leaderboard_helpers import GOLD, RESULT, make_zip, malformed_corpus, small_limits, variant
+from leaderboard_helpers import GOLD, RESULT, make_zip, malformed_corpus, small_limits
 from pesc.errors import ConfigError, PescError
 
 UPLOAD_LEVEL = {"too_large", "empty", "bad_zip", "unsupported_archive", "path_traversal",

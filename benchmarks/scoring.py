@@ -17,6 +17,7 @@ aggregate must agree to 1e-12; the script exits 1 if they do not or the speed-up
 
     python benchmarks/scoring.py
     python benchmarks/scoring.py --workers 1     # the project scorer without worker processes
+    python benchmarks/scoring.py --workers 2     # this process + one worker process
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gold", default=str(REPO.parent / "shared" / "data" / "pesc" / "val.json"))
     ap.add_argument("--workers", type=int, default=None,
-                    help="worker processes for the project scorer (default: automatic)")
+                    help="processes for the project scorer, this one included (default: as score() picks)")
     ap.add_argument("--warm-runs", type=int, default=3, help="extra project runs with warm memos")
     args = ap.parse_args()
 
@@ -61,14 +62,17 @@ def main() -> int:
     wordnet, glove = load_wordnet(), load_glove()
     t_res = time.perf_counter() - t
 
-    # The project's scorer first, so nothing has warmed its memos.
+    # The project's scorer first, so nothing has warmed its memos. Workers as `score` would choose
+    # them (the CPUs not already busy), resolved here so the figure printed is the one used.
+    workers = resolve_workers(args.workers, sum(len(d.supporter_indices()) for d in gold))
+    load = os.getloadavg()[0]
     t = time.perf_counter()
-    rep = score(pred, gold, workers=args.workers, progress=False)
+    rep = score(pred, gold, workers=workers, progress=False)
     t_cold = time.perf_counter() - t
     warm = []
     for _ in range(args.warm_runs):
         t = time.perf_counter()
-        score(pred, gold, workers=args.workers, progress=False)
+        score(pred, gold, workers=workers, progress=False)
         warm.append(time.perf_counter() - t)
 
     preds = [r["prediction"] for r in rep.per_turn]
@@ -83,11 +87,10 @@ def main() -> int:
     pair_diff = max(float(np.max(np.abs(np.array([r[m] for r in rep.per_turn]) - np.array(per[m]))))
                     for m in PAIR_METRICS)
     agg_diff = max(abs(rep.metrics[m] - agg[m]) for m in AGG_METRICS)
-    workers = resolve_workers(args.workers, len(preds))
     speedup = t_loop / t_cold
 
     print(f"pairs: {len(preds)} (val.json gold, every fifth word dropped); CPUs available: "
-          f"{available_cpus()} (os.cpu_count {os.cpu_count()}); project workers: {workers}")
+          f"{available_cpus()}, load average {load:.1f}; project processes: {workers}")
     print(f"resources (both sides): WordNet + GloVe {t_res:.2f} s; loop's GloVe dict {t_dict:.2f} s")
     print(f"straightforward per-pair loop : {t_loop:7.3f} s")
     print(f"project scorer, first call    : {t_cold:7.3f} s   speed-up {speedup:5.1f}x")

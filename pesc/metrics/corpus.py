@@ -21,29 +21,39 @@ def text_extrema(texts: Sequence[str], glove: Glove, *, sign_aware: bool = False
     """
     n = len(texts)
     ids, lengths, uniques = token_ids([t.lower() if lowercase else t for t in texts])
-    out = np.zeros((n, glove.dim), dtype=np.float64)
     if ids.size == 0:
-        return out, np.zeros(n, dtype=bool)
-    # Look up each distinct token once, then map every token occurrence to its row.
+        return np.zeros((n, glove.dim), dtype=np.float64), np.zeros(n, dtype=bool)
+    # Look up each distinct token once; keep the vectors as stored (float32 for the wheel) and
+    # convert only the per-text extrema to the exact float64 values (max/min commute with that).
     rows_u = glove.lookup(list(uniques))
     known_u = rows_u >= 0
-    vec_u = np.zeros((len(uniques), glove.dim), dtype=np.float64)
+    vec_u = np.zeros((len(uniques), glove.dim), dtype=glove.native_dtype)
     if known_u.any():
-        vec_u[known_u] = glove.rows64(rows_u[known_u])
+        vec_u[known_u] = glove.rows(rows_u[known_u])
     owner = np.repeat(np.arange(n), lengths)
     known = known_u[ids]
     ids, owner = ids[known], owner[known]
     counts = np.bincount(owner, minlength=n)
     has = counts > 0
-    if ids.size:
-        vecs = vec_u[ids]
-        starts = (np.cumsum(counts) - counts)[has]  # owner is sorted: each text is one block
+    bounds = np.concatenate([[0], np.cumsum(counts)])  # known tokens of text t: ids[bounds[t]:bounds[t+1]]
+    ext = np.zeros((n, glove.dim), dtype=glove.native_dtype)
+    for b0 in range(0, n, _TEXT_BLOCK):  # blocks keep the gathered vectors small (cache, no page faults)
+        b1 = min(n, b0 + _TEXT_BLOCK)
+        lo, hi = bounds[b0], bounds[b1]
+        if hi == lo:
+            continue
+        sub = has[b0:b1]
+        vecs = vec_u[ids[lo:hi]]
+        starts = (bounds[b0:b1] - lo)[sub]
         mx = np.maximum.reduceat(vecs, starts, axis=0)
         if sign_aware:
             mn = np.minimum.reduceat(vecs, starts, axis=0)
             mx = np.where(mx >= -mn, mx, mn)
-        out[has] = mx
-    return out, has
+        ext[b0:b1][sub] = mx
+    return glove.exact64(ext), has
+
+
+_TEXT_BLOCK = 256
 
 
 def token_ids(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -52,6 +52,9 @@ class CachedStemmer:
             s = self._memo[token] = self._stemmer.stem(token)
             return s
 
+    def __len__(self) -> int:
+        return len(self._memo)
+
 
 class _Lemma:
     __slots__ = ("_name",)
@@ -92,6 +95,9 @@ class CachedWordNet:
                 names = dict.fromkeys(lemma.name() for s in self.reader.synsets(word) for lemma in s.lemmas())
             hit = self._memo[word] = [_SynonymSet(names)] if names else []
         return hit
+
+    def __len__(self) -> int:
+        return len(self._memo)
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
@@ -289,6 +295,19 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def idle_cpus(cap: int = 8) -> int:
+    """CPUs not busy with other work (1-minute load average), this process's one included.
+
+    On a shared machine whose cores are already busy, more processes only add start-up and
+    cold memos; the answer is then 1 (score here, no worker processes)."""
+    cpus = available_cpus()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - no load average on this platform
+        load = 0.0
+    return max(1, min(cpus, cap, int(round(cpus - load)) + 1))
+
+
 # Below this many pairs, handing work to the worker processes costs more than it saves.
 PARALLEL_MIN_PAIRS = 500
 
@@ -304,7 +323,7 @@ def resolve_workers(workers: int | None, n_pairs: int) -> int:
 
                 raise ConfigError(f"PESC_SCORE_WORKERS must be a number, got {env!r}") from None
         else:
-            workers = min(available_cpus(), 8) if n_pairs >= PARALLEL_MIN_PAIRS else 1
+            workers = idle_cpus() if n_pairs >= PARALLEL_MIN_PAIRS else 1
     return max(1, min(int(workers), max(1, n_pairs)))
 
 

@@ -121,8 +121,8 @@ def score(predictions: Source, gold: Source, mode: str = "official", judge=None,
         mismatch), uses sign-aware extrema with lower-cased GloVe lookup, strips prefixes only.
     judge: None (total reported without G, key `total_no_g`), a `pesc.metrics.judge.Judge`, or a
         spec string ("openai", "openai:MODEL", "hf:PATH").
-    workers: processes for METEOR/BLEU/ROUGE (None: all available CPUs for >= 500 pairs; the
-        pool is kept for later calls).
+    workers: processes for METEOR/BLEU/ROUGE, this one included (None: for >= 500 pairs, the
+        CPUs not already busy by the load average; worker processes are kept for later calls).
     glove: a glove.6B.50d.txt to use instead of the installed wheel.
     on_missing: "error" raises ResourceError when WordNet or GloVe is missing; "skip" leaves that
         metric (and the total) out with a note.

@@ -447,3 +447,27 @@ def test_threads_share_one_wordnet_safely(shared_pesc):
     for k, part in enumerate(parts):
         got[k::4] = part
     assert got == expected
+
+
+def test_dead_worker_process_falls_back_to_this_process():
+    import os
+    import signal
+    import time
+
+    from pesc.metrics import pairwise
+
+    rng = random.Random(11)
+    words = ["you", "are", "not", "alone", "it", "helps", "to", "talk"]
+    refs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 9))) for _ in range(60)]
+    preds = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 9))) for _ in range(60)]
+    serial = pairwise.score_pairs(refs, preds, ("bleu4", "rougeL"), workers=1)
+    first = pairwise.score_pairs(refs, preds, ("bleu4", "rougeL"), workers=2)
+    pool = pairwise._POOL[0]
+    for pid in list(pool._processes):  # the worker this test's call started
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.3)
+    again = pairwise.score_pairs(refs, preds, ("bleu4", "rougeL"), workers=2)
+    for m in ("bleu4", "rougeL"):
+        np.testing.assert_array_equal(first[m], serial[m])
+        np.testing.assert_array_equal(again[m], serial[m])
+    pairwise.shutdown_pool()

@@ -348,8 +348,8 @@ def _pool(workers: int, need_wordnet: bool) -> ProcessPoolExecutor:
             if pid == os.getpid() and w == workers and (has_wn or not need_wordnet):
                 return ex
             _POOL = None
-            if pid == os.getpid():
-                ex.shutdown(wait=False, cancel_futures=True)
+            if pid == os.getpid():  # let work another thread already queued there finish
+                ex.shutdown(wait=False, cancel_futures=False)
         ex = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(),
                                  initializer=_worker_init, initargs=(need_wordnet,))
         _POOL = (ex, workers, need_wordnet, os.getpid())

@@ -32,22 +32,20 @@ from urllib.parse import urlparse
 
 from pesc.errors import ConfigError
 
-PROMPT_VERSION = "pesc-g-v1"
-# The organisers' judge setup (NLPCC 2025 task 8 evaluation): a system line asking for the number
-# only, a user message with the three criteria and the three texts, max_tokens=5.
-SYSTEM_PROMPT = "Only return the numerical rating, no explanation."
-USER_TEMPLATE = """
-Evaluate the generated response (1-5 scale) considering:
-1. Relevance to input
-2. Match with reference
-3. Fluency and coherence
+PROMPT_VERSION = "pesc-g-v2"
+# The judge setup that METRICS.md describes: one rating from 1 to 5 of a supporter reply against the
+# seeker's input and the reference, on relevance, agreement with the reference and fluency, with the
+# reply limited to the number (the organisers used max_tokens=5). Wording is the project's own.
+SYSTEM_PROMPT = "You are a strict evaluator. Answer with a single number from 1 to 5 and nothing else."
+USER_TEMPLATE = """Rate the candidate reply of an emotional-support conversation on a scale from 1 (poor) to 5 (excellent).
+Weigh three things equally: how relevant it is to the seeker's message, how closely it matches the
+reference reply in content, and how fluent and coherent it is.
 
-Input: {input}
-Reference: {reference}
-Generated: {prediction}
+Seeker's message: {input}
+Reference reply: {reference}
+Candidate reply: {prediction}
 
-Score (1-5 only):
-"""
+Rating (a number from 1 to 5):"""
 
 _NUMBER_ONLY = re.compile(r"^\s*(?:score|rating)?\s*[:=]?\s*([+-]?\d+(?:\.\d+)?)\s*(?:/\s*5)?\s*\.?\s*$",
                           re.IGNORECASE)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pesc.metrics import score
-from pesc.metrics.judge import (HFJudge, JudgeFatalError, JudgeItem, OpenAIJudge, RatingCache, build_judge,
+from pesc.metrics.judge import (SYSTEM_PROMPT, HFJudge, JudgeFatalError, JudgeItem, OpenAIJudge, RatingCache, build_judge,
                                 parse_rating, rating_to_score)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "metrics"
@@ -24,7 +24,7 @@ class StubState:
 
 def _generated(body: dict) -> str:
     user = body["messages"][1]["content"]
-    return user.split("Generated: ", 1)[1].split("\n", 1)[0]
+    return user.split("Candidate reply: ", 1)[1].split("\n", 1)[0]
 
 
 def make_handler(state: StubState):
@@ -105,8 +105,8 @@ def test_ratings_retries_failures_and_request_shape(stub, tmp_path):
     pred, body, path, auth = stub.requests[0]
     assert path == "/v1/chat/completions" and auth == "Bearer sk-test"
     assert body["model"] == "stub-judge" and body["max_tokens"] == 5
-    assert body["messages"][0]["content"] == "Only return the numerical rating, no explanation."
-    assert "Input: I feel alone\nReference: You are not alone.\nGenerated: " in body["messages"][1]["content"]
+    assert body["messages"][0]["content"] == SYSTEM_PROMPT
+    assert "Seeker's message: I feel alone\nReference reply: You are not alone.\nCandidate reply: " in body["messages"][1]["content"]
 
 
 def test_cache_makes_a_rescore_free(stub, tmp_path):
@@ -170,7 +170,7 @@ def test_score_with_judge_reports_g_total_and_failures(stub, tmp_path):
     assert m["total"] == pytest.approx(m["total_no_g"] + 0.1 * m["gscore"], abs=1e-12)
     assert rep.judge == "openai:stub-judge" and rep.gscore_failures == 0
     # the judge saw the seeker turn before each response as the input (official: 'seeker:' removed)
-    inputs = {_generated(b): b["messages"][1]["content"].split("Input: ", 1)[1].split("\n", 1)[0]
+    inputs = {_generated(b): b["messages"][1]["content"].split("Seeker's message: ", 1)[1].split("\n", 1)[0]
               for _, b, _, _ in stub.requests}
     assert inputs[preds[1]] == " My friends all passed on the first try though."
 

@@ -216,6 +216,30 @@ def test_extra_loss_parameters_join_the_optimizer(models, data, tmp_path, scaled
     assert float(loss.log_scale) != 0.0
 
 
+def test_hidden_state_loss_gets_both_models_layers_and_keeps_its_state(models, data, tmp_path):
+    """layer_emd (hidden states + attention maps, a projection and layer-weight buffers) through the
+    Trainer: unpacked layout, eager attention switched on, state in checkpoints and with the student."""
+    from pesc.losses import available_losses
+    from pesc.training.stages import distill
+    from pesc.training.trainer import LOSS_STATE_NAME
+
+    if "layer_emd" not in available_losses():
+        pytest.skip("layer_emd not registered")
+    run = new_run(models, tmp_path / "run")
+    r = distill(cfg_for(run, loss="layer_emd", loss_params={"attention": True}, distill_steps=3, save_steps=2,
+                        alpha=1.0), data)
+    assert r["hyperparameters"]["steps"] == 3
+    ck = torch.load(run / "student" / "trainer" / "checkpoint-2" / LOSS_STATE_NAME)
+    final = torch.load(run / "student" / LOSS_STATE_NAME)
+    for state in (ck, final):
+        assert {"projection.weight", "weight_student", "weight_teacher", "attention_weight_teacher"} <= set(state)
+        assert float(state["weight_teacher"].sum()) == pytest.approx(1.0, abs=1e-5)
+    # teacher has 2 layers: uniform start 0.5/0.5, moved by the per-step weight update
+    assert not torch.allclose(final["weight_teacher"], torch.full((2,), 0.5))
+    logs = [json.loads(x) for x in (run / "student" / "log.jsonl").read_text().splitlines()]
+    assert all(x["distill_loss"] > 0 for x in logs if "distill_loss" in x)
+
+
 # --- LoRA ----------------------------------------------------------------------------------------
 
 def test_lora_adapters_merge_into_plain_weights(models, data, tmp_path):

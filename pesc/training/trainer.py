@@ -279,6 +279,11 @@ class DistillTrainer(_PescTrainer):
         self._teacher_embeddings = None
         self._new_cycle = True
         self._prepare_loss()
+        if distill_loss.needs_hidden_states and getattr(distill_loss, "attention", False):
+            # attention maps come only from the eager implementation (SDPA/flash return none)
+            for m in (self.model, self.teacher):
+                if m is not None:
+                    use_eager_attention(m)
 
     def _prepare_loss(self) -> None:
         """Let the loss create its model-dependent parameters before the optimizer is built."""
@@ -360,7 +365,8 @@ class DistillTrainer(_PescTrainer):
             self._teacher_embeddings = emb.to(self.args.device) if emb is not None else None
         return self._teacher_embeddings
 
-    def teacher_signal(self, inputs, positions: torch.Tensor | None, need_hidden: bool) -> TeacherSignal:
+    def teacher_signal(self, inputs, positions: torch.Tensor | None, need_hidden: bool,
+                       need_attentions: bool = False) -> TeacherSignal:
         """The teacher at the target positions: packed (1, N, .) when `positions` is given, else the
         shifted dense logits (B, T-1, V)."""
         if self.teacher_cache is not None:
@@ -374,23 +380,28 @@ class DistillTrainer(_PescTrainer):
                 logits, out = packed_logits(self.teacher, inputs, positions, need_hidden=need_hidden)
             else:
                 out = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                   output_hidden_states=need_hidden)
+                                   output_hidden_states=need_hidden, output_attentions=need_attentions)
                 logits = out.logits[:, :-1]
-        return TeacherSignal(logits=logits, hidden_states=out.hidden_states if need_hidden else None)
+        return TeacherSignal(logits=logits, hidden_states=out.hidden_states if need_hidden else None,
+                             attentions=out.attentions if need_attentions else None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         mask = labels[:, 1:] != IGNORE_INDEX
         n = self._num_items(labels, num_items_in_batch)
         need_hidden = bool(self.distill_loss.needs_hidden_states)
+        need_attn = need_hidden and bool(getattr(self.distill_loss, "attention", False))
+        extra = {}
         # Per-position losses get packed logits (1, N, V) and an all-true mask; a loss on hidden
         # states keeps the (B, T) layout so its hidden states and mask line up.
         if need_hidden:
             out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                        output_hidden_states=True)
+                        output_hidden_states=True, output_attentions=need_attn)
             s_logits, loss_mask = out.logits[:, :-1], mask
             ce = token_ce(out.logits, labels, n)
-            teacher = self.teacher_signal(inputs, None, True)
+            teacher = self.teacher_signal(inputs, None, True, need_attn)
+            if need_attn:
+                extra["student_attentions"] = out.attentions
         else:
             positions = target_positions(labels)
             s_logits, out = packed_logits(model, inputs, positions)
@@ -400,7 +411,7 @@ class DistillTrainer(_PescTrainer):
         d = self.distill_loss(s_logits, teacher, loss_mask, num_items=n,
                               student_hidden=out.hidden_states if need_hidden else None,
                               student_embeddings=_bare(model).get_input_embeddings().weight,
-                              teacher_embeddings=self.teacher_embeddings())
+                              teacher_embeddings=self.teacher_embeddings(), **extra)
         loss = (1 - self.alpha) * ce + self.alpha * d.value
         # Logged parts are per-token means of this micro-batch (the values above are divided by the
         # token count of the whole accumulated, all-process batch).
@@ -411,6 +422,15 @@ class DistillTrainer(_PescTrainer):
         self._record(model, parts)
         loss = self._scale(loss, num_items_in_batch)
         return (loss, out) if return_outputs else loss
+
+
+def use_eager_attention(model) -> None:
+    bare = _bare(model)
+    setter = getattr(bare, "set_attn_implementation", None)
+    if setter is not None:
+        setter("eager")
+    else:  # pragma: no cover - older model classes
+        bare.config._attn_implementation = "eager"
 
 
 def check_cache_compatible(distill_loss: DistillLoss, cache) -> None:

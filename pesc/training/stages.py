@@ -32,11 +32,17 @@ RESULTS = "results.json"
 HUB_NAMES = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 DATASET_IDS = {"esconv": "thu-coai/esconv", "augesc": "thu-coai/augesc"}
 PESC_DATASET = "PESC (NLPCC 2025 shared task 8)"
-# Options that may change between a run and its resumption without changing the training itself.
+# Options that may change between a run and its resumption without changing the training itself,
+# and, per stage, the options of the other stages.
 RESUME_IGNORED = {"output_dir", "resume", "eval_steps", "eval_examples", "eval_generate_dialogues",
                   "eval_dialogues", "logging_steps", "save_steps", "save_total_limit", "max_new_tokens",
                   "gen_batch_size", "kl_temperature", "max_test_dialogues", "cache_batch_size",
-                  "cache_shard_positions", "teacher_steps", "teacher_lr", "teacher_epochs", "teacher_lora"}
+                  "cache_shard_positions", "preset"}
+STAGE_IGNORED = {
+    "teacher": {"distill_steps", "lr", "epochs", "loss", "loss_params", "alpha", "temperature", "student_lora",
+                "teacher_cache", "cache_topk"},
+    "student": {"teacher_steps", "teacher_lr", "teacher_epochs", "teacher_lora", "cache_topk"},
+}
 
 
 # --- processes -------------------------------------------------------------------------------------
@@ -92,8 +98,8 @@ def last_checkpoint(trainer_dir: Path) -> str | None:
     return str(max(found)[1]) if found else None
 
 
-def config_diff(old: dict, new: dict) -> list[str]:
-    keys = sorted((set(old) | set(new)) - RESUME_IGNORED)
+def config_diff(old: dict, new: dict, stage: str = "") -> list[str]:
+    keys = sorted((set(old) | set(new)) - RESUME_IGNORED - STAGE_IGNORED.get(stage, set()))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
@@ -107,7 +113,7 @@ def prepare_stage_dir(cfg: RunConfig, stage_dir: Path) -> str | None:
     saved = stage_dir / "config.yaml"
     resume = last_checkpoint(trainer_dir) if cfg.resume else None
     if cfg.resume and resume and saved.exists():
-        diff = config_diff(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, asdict(cfg))
+        diff = config_diff(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, asdict(cfg), stage_dir.name)
         if diff:
             raise ConfigError(f"{stage_dir} holds checkpoints of a run with another config ({'; '.join(diff)}); "
                               "use another --out, or --set resume=false to start this stage over")
@@ -293,6 +299,31 @@ def _eval_summary(ctx: RunContext) -> dict:
             "kl_temperature": ctx.cfg.kl_temperature}
 
 
+def eval_key(ctx: RunContext, teacher_desc: str) -> dict:
+    """What the untrained student's scores depend on: reuse them only when all of it is the same."""
+    from pesc.training.teacher_cache import examples_fingerprint
+
+    cfg = ctx.cfg
+    return {"student_init": ctx.student_init, "teacher": teacher_desc, "eval_examples": examples_fingerprint(ctx.eval_ex),
+            "dialogues": [d.id for d in ctx.final_dialogues], "kl_temperature": cfg.kl_temperature,
+            "max_new_tokens": cfg.max_new_tokens, "max_length": cfg.max_length, "seed": cfg.seed}
+
+
+def untrained_scores(ctx: RunContext, stage_dir: Path, student, evaluator, teacher_desc: str) -> dict:
+    """Validation scores of the student before distillation, cached in <stage>/before.json."""
+    path = stage_dir / "before.json"
+    key = eval_key(ctx, teacher_desc)
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return saved["scores"]
+    scores = evaluator.evaluate(student) if (ctx.eval_ex or ctx.final_dialogues) else {}
+    if is_main_process():
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": key, "scores": scores}, indent=2), encoding="utf-8")
+    return scores
+
+
 # --- stages ---------------------------------------------------------------------------------------
 
 def train_teacher(cfg: RunConfig, data=None, *, callbacks=()) -> dict:
@@ -387,13 +418,7 @@ def distill(cfg: RunConfig, data=None, *, callbacks=()) -> dict:
     student = load_model(ctx.student_init, cfg.dtype)
 
     final_eval = _evaluator(ctx, teacher=teacher, cache=cache, final=True)
-    before_path = stage_dir / "before.json"
-    if before_path.exists():
-        before = json.loads(before_path.read_text(encoding="utf-8"))
-    else:
-        before = final_eval.evaluate(student) if (ctx.eval_ex or ctx.final_dialogues) else {}
-        if is_main_process():
-            before_path.write_text(json.dumps(before, indent=2), encoding="utf-8")
+    before = untrained_scores(ctx, stage_dir, student, final_eval, teacher_desc)
 
     student = maybe_lora(student, cfg.student_lora, cfg).train()
     args = _args(cfg, stage_dir, steps=cfg.distill_steps, epochs=cfg.epochs, lr=cfg.lr, eval_on=eval_on)

@@ -198,16 +198,16 @@ def run_sweep(cfg: RunConfig, specs: list[LossSpec], data=None, *, keep_going: b
     except ConfigError:
         stages.train_teacher(base, ctx.data)
         teacher_path = stages.trained_teacher_path(ctx)
-    runs, before = [], None
+    runs, before_file = [], None
     for spec in specs:
         print(f"\n== sweep: {spec.label}", flush=True)
         run_cfg = replace(base, output_dir=str(root / "runs" / spec.slug), loss=spec.name,
                           loss_params=dict(spec.params), teacher=teacher_path, student=ctx.student_init,
                           teacher_steps=0, teacher_epochs=None, teacher_lora=False)
-        if before is not None and stages.is_main_process():  # the untrained student is evaluated once
+        if before_file is not None and stages.is_main_process():  # the untrained student is evaluated once
             d = Path(run_cfg.output_dir) / "student"
             d.mkdir(parents=True, exist_ok=True)
-            (d / "before.json").write_text(json.dumps(before), encoding="utf-8")
+            shutil.copy2(before_file, d / "before.json")
         try:
             r = stages.distill(run_cfg, ctx.data)
         except (PescError, RuntimeError, ValueError) as e:
@@ -218,10 +218,11 @@ def run_sweep(cfg: RunConfig, specs: list[LossSpec], data=None, *, keep_going: b
             traceback.print_exc()
             runs.append({"spec": spec.name, "label": spec.label, "error": msg})
             continue
+        before_file = Path(run_cfg.output_dir) / "student" / "before.json"
         before = r["eval"]["before"]
         runs.append({"spec": spec.name, "label": spec.label, "after": r["eval"]["after"],
                      "params": spec.params, "steps": r["hyperparameters"]["steps"]})
-    table = build_table(before or {}, runs)
+    table = build_table(before if before_file else {}, runs)
     ev = _first_eval(root, specs)
     budget = f"{cfg.epochs} epochs" if cfg.epochs else f"{cfg.distill_steps} steps"
     meta = {"preset": cfg.preset, "seed": cfg.seed, "budget": budget + f" x batch {cfg.batch_size}x{cfg.grad_accum}",

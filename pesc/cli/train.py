@@ -20,6 +20,15 @@ EPILOG = ("Any RunConfig option can be set with --set KEY=VALUE (YAML syntax: --
           "same command again resumes from the last checkpoint when save_steps > 0.")
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only when there is one worth showing."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _common(p, *, loss: bool = False) -> None:
     from pesc.training.config import PRESETS
 
@@ -77,7 +86,7 @@ def _yaml_has_output(path: str) -> bool:
 
 
 def register(sub) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _Formatter
     p = sub.add_parser("train-teacher", help="fine-tune the teacher on the training dialogues (SFT, optional LoRA)",
                        description="Fine-tune the teacher on the supporter replies of the training dialogues "
                                    "(response-token cross-entropy), evaluating on held-out dialogues every "

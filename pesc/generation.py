@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from pesc.data.dialogue import SEEKER, SUPPORTER, Dialogue, Turn
-from pesc.data.examples import fit_prompt, has_chat_template
+from pesc.data.examples import fit_prompt, render_prompt
 from pesc.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,8 @@ PRUNE_FRACTION = 0.125
 # Rows whose number of tokens to run differs by this band or more go to different batches.
 PREFIX_BAND = 128
 
+# Seconds the chat waits for the next streamed token before giving up.
+STREAM_TIMEOUT = 300
 # Tokens that end a turn in common chat formats; those present in a vocabulary stop generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>",
                       "</s>", "<|end_of_text|>")
@@ -783,6 +785,29 @@ def _fit(tokenizer, profile: dict, history: list[Turn], budget: int, where: str)
         raise ConfigError(str(e).replace("raise max_length", "raise max_prompt_tokens (--max-prompt-tokens)")) from None
 
 
+def _fit_from(tokenizer, profile: dict, history: list[Turn], budget: int, where: str,
+              start: int = 0) -> tuple[list[int], int]:
+    """`fit_prompt`'s search for the prompt that fits (oldest turns dropped in pairs), begun at `start`.
+
+    Returns (ids, start used). Generation passes the start the dialogue's previous turn needed:
+    history only grows at the end, so the earlier starts still do not fit and the result is the
+    one `fit_prompt` gives, with one or two renderings instead of up to ten.
+    """
+    candidates, s = [0], 0
+    while len(history) - s > 1:
+        s += 2 if len(history) - s > 2 else 1
+        candidates.append(s)
+    s = start if start in candidates else 0
+    while True:
+        ids = render_prompt(tokenizer, profile, history[s:])
+        if len(ids) <= budget:
+            return ids, s
+        if len(history) - s <= 1:
+            _fit(tokenizer, profile, history, budget, where)  # raises fit_prompt's error
+            raise ConfigError(f"{where}the prompt does not fit {budget} tokens")  # pragma: no cover
+        s += 2 if len(history) - s > 2 else 1
+
+
 def _last_seeker(hist: list[Turn]) -> str | None:
     for t in reversed(hist):
         if t.role == SEEKER:
@@ -851,6 +876,8 @@ def generate_dialogues(model, tokenizer, dialogues: Sequence[Dialogue], options:
     since_save = 0
     stats = {"turns": total, "resumed_turns": done, "generate_calls": 0, "rows": 0, "replayed_batches": 0}
 
+    fit_start: dict[str, int] = {}  # per dialogue, where the last prompt's history began
+
     def step_requests(k: int) -> list[tuple[int, Request]]:
         reqs = []
         for r in range(len(dialogues)):
@@ -858,7 +885,8 @@ def generate_dialogues(model, tokenizer, dialogues: Sequence[Dialogue], options:
                 continue
             d, turn = dialogues[r], slots[r][k]
             hist = _history(d, turn, texts[d.id], slot_of[r], use_gold_history)
-            prompt = _fit(tokenizer, d.profile, hist, dec.max_prompt_tokens, f"dialogue {d.id}, turn {turn}: ")
+            prompt, fit_start[d.id] = _fit_from(tokenizer, d.profile, hist, dec.max_prompt_tokens,
+                                                f"dialogue {d.id}, turn {turn}: ", fit_start.get(d.id, 0))
             reqs.append((r, Request(prompt, d.id, turn, _last_seeker(hist))))
         return reqs
 
@@ -995,7 +1023,7 @@ def stream_reply(model, tokenizer, profile: dict, history: list[Turn],
     dec = resolve_decoding(model, tokenizer, options)
     req = _chat_request(tokenizer, profile, history, dec)
     specials = special_token_strings(tokenizer)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=600, skip_special_tokens=False,
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=STREAM_TIMEOUT, skip_special_tokens=False,
                                     clean_up_tokenization_spaces=False)
     stop = _StopFlag()
     device = next(model.parameters()).device
@@ -1021,7 +1049,7 @@ def stream_reply(model, tokenizer, profile: dict, history: list[Turn],
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    raw, last = "", ""
+    raw, last, exhausted = "", "", False
     try:
         for piece in streamer:
             raw += piece
@@ -1032,10 +1060,13 @@ def stream_reply(model, tokenizer, profile: dict, history: list[Turn],
                 yield text
             if ended:
                 break
+        else:
+            exhausted = True
     finally:
-        stop.event.set()
-        for _ in streamer:  # drain so the generating thread can finish
-            pass
+        stop.event.set()  # stops generation at its next step if we left early
+        if not exhausted:
+            for _ in streamer:  # drain until the generating thread's end-of-stream
+                pass
         thread.join()
     if error:
         raise error[0]

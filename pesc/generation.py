@@ -470,8 +470,6 @@ def _prefill_layout(model, prompts: list[list[int]], keys: list[str], dec: Decod
     decodes. Returns (ids, mask, cache, new_entries) where new_entries are the rows' KV of
     prompt[:-1] to store once the batch succeeds.
     """
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     B = len(prompts)
     c = [store.common_prefix(k, p) for k, p in zip(keys, prompts)]
@@ -486,8 +484,8 @@ def _prefill_layout(model, prompts: list[list[int]], keys: list[str], dec: Decod
         ids[r, P + S - si:] = torch.as_tensor(p[ci:], dtype=torch.long)
         mask[r, P + S - si:] = 1
     ids, mask = ids.to(device), mask.to(device)
+    cache = _new_cache(model, P + S + dec.max_new_tokens)
     if P:
-        layers = []
         n_layers = len(store.kv[keys[c.index(P)]])
         for li in range(n_layers):
             k0, v0 = store.kv[keys[c.index(P)]][li]
@@ -497,10 +495,7 @@ def _prefill_layout(model, prompts: list[list[int]], keys: list[str], dec: Decod
                 if ci:
                     K[r, :, P - ci:] = store.kv[key][li][0][:, :ci]
                     V[r, :, P - ci:] = store.kv[key][li][1][:, :ci]
-            layers.append((K, V))
-        cache = DynamicCache(ddp_cache_data=layers)
-    else:
-        cache = DynamicCache(config=model.config)
+            cache.layers[li].update(K, V)
     if S > 1:
         with torch.inference_mode():
             model(input_ids=ids[:, P:P + S - 1], attention_mask=mask[:, :P + S - 1],
@@ -537,6 +532,31 @@ class _PruneWhenDone:
         return torch.full((B,), stop, dtype=torch.bool, device=input_ids.device)
 
 
+def _new_cache(model, length: int):
+    """A preallocated KV cache of `length` positions: decoding writes in place instead of
+    concatenating the whole cache at every step (DynamicCache)."""
+    from transformers import DynamicCache, StaticCache
+
+    try:
+        return StaticCache(config=model.config, max_cache_len=length)
+    except Exception:  # noqa: BLE001 - an architecture without a static cache still generates
+        return DynamicCache(config=model.config)
+
+
+def _select_rows(cache, keep: torch.Tensor) -> None:
+    """Keep only the rows `keep` of the cache (static layers have no batch selection of their own)."""
+    from transformers import DynamicCache
+
+    if isinstance(cache, DynamicCache):
+        cache.batch_select_indices(keep)
+        return
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.keys = layer.keys.index_select(0, keep.to(layer.keys.device))
+            layer.values = layer.values.index_select(0, keep.to(layer.values.device))
+            layer.batch_size = layer.keys.shape[0]
+
+
 def generate_token_batch(model, prompts: list[list[int]], dec: Decoding, *, sampling: SamplingSpec | None = None,
                          store: PrefixCache | None = None, keys: list[str] | None = None) -> list[list[int]]:
     """Batched generation; the new tokens of each row, cut before the first stop id.
@@ -546,7 +566,7 @@ def generate_token_batch(model, prompts: list[list[int]], dec: Decoding, *, samp
     `model.generate` runs in rounds: when an eighth of the rows have finished, the round stops,
     finished rows leave the batch and the others continue from the cache.
     """
-    from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     device = next(model.parameters()).device
     entries = None
@@ -560,7 +580,7 @@ def generate_token_batch(model, prompts: list[list[int]], dec: Decoding, *, samp
             ids[r, n - len(p):] = torch.as_tensor(p, dtype=torch.long)
             mask[r, n - len(p):] = 1
         ids, mask = ids.to(device), mask.to(device)
-        cache = DynamicCache(config=model.config)
+        cache = _new_cache(model, n + dec.max_new_tokens)
     width = ids.shape[1]
     stop_t = torch.tensor(dec.stop_ids, dtype=torch.long)
     prune = _PruneWhenDone(width, stop_t, PRUNE_FRACTION)
@@ -575,7 +595,8 @@ def generate_token_batch(model, prompts: list[list[int]], dec: Decoding, *, samp
                 seeds, width, sampling.temperature, sampling.top_p, sampling.top_k, sampling.banned_first)])
         cfg = GenerationConfig(max_new_tokens=dec.max_new_tokens - (seqs.shape[1] - width), do_sample=False,
                                num_beams=1, temperature=1.0, top_p=1.0, repetition_penalty=dec.repetition_penalty,
-                               eos_token_id=list(dec.stop_ids), pad_token_id=dec.pad_id, use_cache=True)
+                               eos_token_id=list(dec.stop_ids), pad_token_id=dec.pad_id, use_cache=True,
+                               disable_compile=True)
         with torch.inference_mode():
             out = model.generate(input_ids=seqs, attention_mask=mask, cache=cache, generation_config=cfg,
                                  stopping_criteria=StoppingCriteriaList([prune]), **kwargs)
@@ -589,7 +610,7 @@ def generate_token_batch(model, prompts: list[list[int]], dec: Decoding, *, samp
         if bool(done.all()):
             break
         keep = (~done).nonzero().flatten()
-        cache.batch_select_indices(keep)
+        _select_rows(cache, keep)
         mask = torch.cat([mask, torch.ones((mask.shape[0], out.shape[1] - mask.shape[1]), dtype=mask.dtype,
                                            device=mask.device)], dim=1)[keep]
         seqs = out[keep]

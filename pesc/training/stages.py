@@ -129,6 +129,23 @@ def prepare_stage_dir(cfg: RunConfig, stage_dir: Path) -> str | None:
 
 # --- data and models ------------------------------------------------------------------------------
 
+def load_trainable(path: str, dtype: str = "float32"):
+    """`pesc.models.load_model`, and a model whose weights are plain floating point but whose
+    config still names GGUF as its quantization (SmolLM2 dequantised from the packaged GGUF) is
+    marked as the plain model it is: otherwise the Trainer refuses to fine-tune it."""
+    from pesc.models import load_model
+
+    model = load_model(path, dtype)
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = getattr(quant, "quant_method", None) if not isinstance(quant, dict) else quant.get("quant_method")
+    if getattr(model, "is_quantized", False) and str(getattr(method, "value", method)) == "gguf" \
+            and all(p.is_floating_point() for p in model.parameters()):
+        model.is_quantized = False
+        model.hf_quantizer = None
+        del model.config.quantization_config
+    return model
+
+
 @dataclass
 class RunContext:
     cfg: RunConfig
@@ -328,14 +345,13 @@ def untrained_scores(ctx: RunContext, stage_dir: Path, student, evaluator, teach
 
 def train_teacher(cfg: RunConfig, data=None, *, callbacks=()) -> dict:
     """Fine-tune the teacher on the training dialogues (LoRA if teacher_lora); save it merged."""
-    from pesc.models import load_model
     from pesc.training.lora import maybe_lora, merge_and_save
     from pesc.training.trainer import Collator, ExampleDataset, SFTTrainer
 
     ctx = build_context(cfg, data)
     stage_dir = ctx.run_dir / "teacher"
     resume = prepare_stage_dir(cfg, stage_dir)
-    model = maybe_lora(load_model(ctx.teacher_init, cfg.dtype), cfg.teacher_lora, cfg).train()
+    model = maybe_lora(load_trainable(ctx.teacher_init, cfg.dtype), cfg.teacher_lora, cfg).train()
     eval_on = bool(cfg.eval_steps and ctx.eval_ex)
     args = _args(cfg, stage_dir, steps=cfg.teacher_steps, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
                  eval_on=eval_on)
@@ -386,7 +402,7 @@ def cache_teacher(cfg: RunConfig, data=None, *, out: str | None = None, overwrit
 def distill(cfg: RunConfig, data=None, *, callbacks=()) -> dict:
     """Distil the student from the live teacher or the teacher cache; evaluate before and after."""
     from pesc.losses import build_loss
-    from pesc.models import load_model, load_tokenizer
+    from pesc.models import load_tokenizer
     from pesc.training.lora import maybe_lora, merge_and_save
     from pesc.training.teacher_cache import TeacherCache
     from pesc.training.trainer import LOSS_STATE_NAME, Collator, DistillTrainer, ExampleDataset
@@ -412,10 +428,10 @@ def distill(cfg: RunConfig, data=None, *, callbacks=()) -> dict:
         teacher_path = trained_teacher_path(ctx)
         if len(load_tokenizer(teacher_path)) != ctx.vocab:
             raise ConfigError("teacher and student tokenizers differ; distillation here needs one shared vocabulary")
-        teacher = load_model(teacher_path, cfg.dtype)
+        teacher = load_trainable(teacher_path, cfg.dtype)
         teacher_desc = teacher_path
     resume = prepare_stage_dir(cfg, stage_dir)
-    student = load_model(ctx.student_init, cfg.dtype)
+    student = load_trainable(ctx.student_init, cfg.dtype)
 
     final_eval = _evaluator(ctx, teacher=teacher, cache=cache, final=True)
     before = untrained_scores(ctx, stage_dir, student, final_eval, teacher_desc)

@@ -59,15 +59,15 @@ class StepClock(TrainerCallback):
 
 def time_distill(ctx, *, teacher=None, cache=None, steps: int, warmup: int, out: Path, lora: bool = False) -> float:
     from pesc.losses import build_loss
-    from pesc.models import load_model
     from pesc.training.lora import apply_lora
+    from pesc.training.stages import load_trainable
     from pesc.training.trainer import Collator, DistillTrainer, ExampleDataset, training_args
 
     cfg = ctx.cfg
     clock = StepClock()
     args = training_args(str(out), steps=warmup + steps + 1, lr=cfg.lr, batch_size=cfg.batch_size,
                          seed=cfg.seed, logging_steps=10_000, disable_tqdm=True)
-    student = load_model(ctx.student_init, cfg.dtype)
+    student = load_trainable(ctx.student_init, cfg.dtype)
     if lora:
         student = apply_lora(student, r=16, alpha=32, dropout=0.05)
     trainer = DistillTrainer(model=student.train(), args=args,
@@ -77,22 +77,6 @@ def time_distill(ctx, *, teacher=None, cache=None, steps: int, warmup: int, out:
                              callbacks=[clock])
     trainer.train()
     return clock.steps_per_second(warmup)
-
-
-def plain_smollm2(work: Path) -> Path:
-    """SmolLM2-135M as float32 weights whose config.json no longer carries the GGUF
-    `quantization_config` (with it, transformers treats the model as quantized and the Trainer
-    refuses to fine-tune it)."""
-    from pesc.models.pretrained import materialise_smollm2
-
-    src = materialise_smollm2(Path.home() / ".cache" / "pesc" / "smollm2-135m-instruct-f32")
-    dest = work / "smollm2-135m-f32"
-    if not dest.exists():
-        shutil.copytree(src, dest)
-        cfg = json.loads((dest / "config.json").read_text())
-        cfg.pop("quantization_config", None)
-        (dest / "config.json").write_text(json.dumps(cfg, indent=2))
-    return dest
 
 
 def live_vs_cache(preset: str, data_dir: str | None, steps: int, warmup: int, work: Path,
@@ -110,8 +94,6 @@ def live_vs_cache(preset: str, data_dir: str | None, steps: int, warmup: int, wo
         over["max_train_dialogues"] = 20
     else:
         over["max_train_dialogues"] = 6
-    if preset == "quickstart":
-        over["teacher"] = str(plain_smollm2(work))
     cfg = load_config(preset, None, {**over, **(extra or {})})
     ctx = stages.build_context(cfg)
     # a shuffled run touches examples of every length; keep the set the same for both paths

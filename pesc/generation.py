@@ -3,12 +3,22 @@
 One module serves the submission builder, the scorer's KL runs and the app's chat:
 
 - `generate_dialogues` fills every supporter turn of a list of dialogues. Turn k of every dialogue
-  goes through the model in one left-padded batch (KV cache on), so 150 dialogues of 10 supporter
-  turns cost about 10 rounds of `model.generate` instead of 1,500. Turn k sees the profile, the
-  seeker turns so far and the model's own earlier replies (or the gold replies with
-  `use_gold_history=True`), rendered by `pesc.data.examples.fit_prompt`, the same renderer training
-  uses.
+  goes through the model in batches (KV cache on), so 150 dialogues of 10 supporter turns cost
+  about 10-20 rounds of `model.generate` instead of 1,500. Turn k sees the profile, the seeker
+  turns so far and the model's own earlier replies (or the gold replies with
+  `use_gold_history=True`), rendered by `pesc.data.examples.render_prompt` with `fit_prompt`'s
+  truncation, the same renderer training uses.
 - `stream_reply` / `generate_reply` answer one chat history (the Gradio chat).
+
+Speed (see benchmarks/generation.py):
+- Prefix reuse (`PrefixCache`): turn k+1's prompt extends turn k's, so each dialogue keeps the KV
+  of its last prompt and only the new tokens (reply + next seeker turn) are run. Rows are laid
+  out as [pad | reused | pad | new] so rows with different reuse share one forward pass.
+- Rows are ordered by how many tokens they must run, then by length, so batches are dense;
+  a row whose history was cut (prompt over budget) runs in a batch of its own kind.
+- `generate` runs in rounds: when an eighth of the rows have finished, they leave the batch and
+  the rest continue from the cache, instead of riding along until the longest reply ends.
+- The KV cache is preallocated (StaticCache), so decoding writes in place.
 
 Decoding: options not given in `GenerationOptions` come from the model's `generation_config`
 (greedy when it says nothing). Sampling is done by `RowSampler`, which draws each row's random
@@ -27,12 +37,12 @@ special tokens banned at its first step). If that is empty too, `FALLBACK_REPLY`
 turn is reported as a `GenerationProblem` with code "fallback" (also logged and stored in the
 checkpoint). A turn is never written empty.
 
-Resumable: with `checkpoint_path`, the texts generated so far are saved atomically every
-`checkpoint_every` dialogues' worth of turns (and at the end). A killed run restarted with the same
-arguments reloads them and continues; because batches are formed deterministically (turn k's rows
-sorted by prompt length, chunked from the first unfinished row) and sampling is keyed per row, the
-result is identical to an uninterrupted run. A checkpoint written for other inputs, model or
-options is ignored with a warning and overwritten.
+Resumable: with `checkpoint_path`, the texts generated so far and the batch layout are saved
+atomically every `checkpoint_every` dialogues' worth of turns (and at the end). A killed run
+restarted with the same arguments reloads them, replays the prompt prefills of the finished
+batches (no decoding) to rebuild the prefix cache exactly, and continues: the result is identical
+to an uninterrupted run. A checkpoint written for other inputs, model or options is ignored with a
+warning and overwritten.
 """
 
 from __future__ import annotations

@@ -100,6 +100,21 @@ def _pairs(pairs):
     return obj
 
 
+def _from_zip(data: bytes, add) -> bytes | None:
+    import io
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            if "result.json" not in z.namelist():
+                add("structure", "the zip has no result.json at its top level")
+                return None
+            return z.read("result.json")
+    except (zipfile.BadZipFile, OSError, RuntimeError, ValueError) as e:
+        add("structure", f"not a readable zip: {e}")
+        return None
+
+
 def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -121,6 +136,10 @@ def _parse(data, label: str, problems: list[Problem], *, code_prefix: str = ""):
                 return None
         if isinstance(raw, (bytes, bytearray)):
             raw = bytes(raw)
+            if raw.startswith(b"PK\x03\x04"):  # a submission zip: check its result.json
+                raw = _from_zip(raw, add)
+                if raw is None:
+                    return None
             if raw.startswith(b"\xef\xbb\xbf"):
                 add("encoding", "starts with a UTF-8 byte-order mark; save it as UTF-8 without BOM")
                 raw = raw[3:]
@@ -259,8 +278,9 @@ def _check_entry(did: str, entry, ref: dict, strict_profile: bool, cap: int, add
 def check_result(result, test, max_reply_chars: int = DEFAULT_MAX_REPLY_CHARS) -> CheckReport:
     """Check a result against its test file; every problem is listed, nothing is raised.
 
-    `result`: a path, the raw bytes or JSON text, or the parsed object. `test`: a path (or bytes/text/
-    object) of the test file, or the test dialogues as a list of `Dialogue`.
+    `result`: a path, the raw bytes or JSON text, or the parsed object; a submission zip (path or
+    bytes) is checked through its top-level result.json. `test`: a path (or bytes/text/object) of
+    the test file, or the test dialogues as a list of `Dialogue`.
     """
     problems: list[Problem] = []
     source = str(result) if isinstance(result, (os.PathLike,)) or (

@@ -365,7 +365,29 @@ def test_cli_check_exit_codes(tmp_path, capsys):
     with zipfile.ZipFile(tmp_path / "s.zip", "w") as z:
         z.writestr("result.json", dumped(filled()))
     assert main(["submission", "check", str(tmp_path / "s.zip"), "--test", str(TEST)]) == 0
-    assert main(["submission", "check", str(tmp_path / "missing.zip"), "--test", str(TEST)]) == 2
+    capsys.readouterr()
+    assert main(["submission", "check", str(tmp_path / "missing.json"), "--test", str(TEST)]) == 1
+    assert "cannot read" in capsys.readouterr().out
+
+
+def test_check_reads_a_submission_zip(tmp_path):
+    import io
+
+    buf = io.BytesIO()
+    obj = filled()
+    obj["9003"]["whole_dialog"][3] = "supporter:"
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("DESCRIPTION.md", "x")
+        z.writestr("result.json", dumped(obj))
+    report = check_result(buf.getvalue(), TEST)
+    assert_located(report, "empty_reply", "9003", 3)
+    (tmp_path / "s.zip").write_bytes(buf.getvalue())
+    assert [p.code for p in check_result(tmp_path / "s.zip", TEST).problems] == ["empty_reply"]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("sub/result.json", dumped(filled()))
+    report = check_result(buf.getvalue(), TEST)
+    assert [p.code for p in report.problems] == ["structure"] and "no result.json" in report.format()
 
 
 @pytest.fixture(scope="module")
@@ -381,6 +403,26 @@ def real_smoke(shared_pesc_module, tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def fixture_smoke(tmp_path_factory):
+    """Tokenizer trained on the fixture dialogues + an untrained tiny Llama, saved as a `pesc run`
+    directory would hold it (run/student with run/config.yaml and run/summary.json)."""
+    from pesc.models.smoke import tiny_model, train_tokenizer
+
+    tok = train_tokenizer(load_task(FIX / "val.json").dialogues, 512)
+    model = tiny_model(len(tok), 1, 32, seed=0)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    run = tmp_path_factory.mktemp("run")
+    model.save_pretrained(run / "student")
+    tok.save_pretrained(run / "student")
+    (run / "config.yaml").write_text("preset: smoke\nteacher: smoke\nloss: sinkhorn\nalpha: 0.5\n"
+                                     "temperature: 2.0\nlr: 0.003\nmax_length: 600\noutput_dir: runs/x\n")
+    (run / "summary.json").write_text(json.dumps({"teacher": str(run / "teacher"), "kl_temperature": 1.0,
+                                                  "kl_before": 2.5, "kl_after": 1.25, "kl_relative_change": -0.5}))
+    return run / "student"
 
 
 @pytest.fixture(scope="module")
@@ -417,18 +459,25 @@ def test_build_on_the_real_test_file(real_smoke, shared_pesc_module, tmp_path, c
     assert (tmp_path / "submission-work" / "result.json").read_bytes() == result
 
 
-def test_build_with_val_scores_into_the_description(real_smoke, code_repo, tmp_path, capsys):
+def test_build_with_val_scores_into_the_description(fixture_smoke, code_repo, tmp_path, capsys):
     out = tmp_path / "sub.zip"
-    rc = main(["submission", "build", "--model", str(real_smoke), "--test", str(TEST), "--val", str(FIX / "val.json"),
+    rc = main(["submission", "build", "--model", str(fixture_smoke), "--test", str(TEST), "--val", str(FIX / "val.json"),
                "--out", str(out), "--max-new-tokens", "3", "--no-progress", "--code-root", str(code_repo)])
-    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "prompts limited to 600 tokens" in printed.err
     with zipfile.ZipFile(out) as z:
         md = z.read("DESCRIPTION.md").decode()
     assert "## Validation scores" in md
     assert "| bleu4 |" in md or "validation scores unavailable" in md
+    # what the run directory says about the model
+    for piece in ("## Teacher", "`sinkhorn` with alpha=0.5, temperature=2", "| max_length | 600 |",
+                  "| kl_after | 1.25 |", "| max_prompt_tokens | 600 |", "pesc run --config"):
+        assert piece in md, piece
+    assert "output_dir" not in md
 
 
-def test_build_stops_when_the_result_fails_the_check(real_smoke, tmp_path, monkeypatch, capsys):
+def test_build_stops_when_the_result_fails_the_check(fixture_smoke, tmp_path, monkeypatch, capsys):
     import pesc.generation as G
 
     real = G.generate_dialogues
@@ -440,18 +489,18 @@ def test_build_stops_when_the_result_fails_the_check(real_smoke, tmp_path, monke
 
     monkeypatch.setattr(G, "generate_dialogues", leaky)
     out = tmp_path / "sub.zip"
-    rc = main(["submission", "build", "--model", str(real_smoke), "--test", str(TEST), "--out", str(out),
+    rc = main(["submission", "build", "--model", str(fixture_smoke), "--test", str(TEST), "--out", str(out),
                "--max-new-tokens", "2", "--no-progress"])
     printed = capsys.readouterr()
     assert rc == 1 and not out.exists()
     assert "dialogue 9002, turn 1" in printed.out and "no zip written" in printed.err
 
 
-def test_build_user_errors_are_one_line(real_smoke, tmp_path, capsys):
-    assert main(["submission", "build", "--model", str(real_smoke), "--test", str(TEST),
+def test_build_user_errors_are_one_line(fixture_smoke, tmp_path, capsys):
+    assert main(["submission", "build", "--model", str(fixture_smoke), "--test", str(TEST),
                  "--out", str(tmp_path / "x.tar")]) == 2
     assert "must name a .zip" in capsys.readouterr().err
-    assert main(["submission", "build", "--model", str(real_smoke), "--test", str(TEST), "--val", str(TEST),
+    assert main(["submission", "build", "--model", str(fixture_smoke), "--test", str(TEST), "--val", str(TEST),
                  "--out", str(tmp_path / "x.zip")]) == 2
     assert "--val needs gold supporter turns" in capsys.readouterr().err
     assert main(["submission", "build", "--model", str(tmp_path / "nope"), "--test", str(TEST),

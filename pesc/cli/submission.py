@@ -51,8 +51,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
                    help="longest reply in tokens (default: generation_config, else 128)")
     g.add_argument("--max-prompt-tokens", type=_positive_int, metavar="N",
-                   help="prompt budget; the oldest turns are dropped in pairs to fit (default 1024 or "
-                        "what the model's context allows)")
+                   help="prompt budget; the oldest turns are dropped in pairs to fit (default: the "
+                        "max_length the model was trained with when its pesc run directory says so, "
+                        "else 1024 or what the model's context allows)")
     g.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None,
                    help="sample instead of greedy decoding (default: generation_config)")
     g.add_argument("--temperature", type=_float, help="sampling temperature")
@@ -62,6 +63,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of sampled replies (per dialogue and turn)")
     g.add_argument("--checkpoint-every", type=_positive_int, default=10, metavar="N",
                    help="save progress every N dialogues' worth of turns (default 10)")
+    g.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy machine)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -81,8 +84,7 @@ def register(sub) -> None:
                     "validation scores) and the project's git-tracked code. Progress is saved in the "
                     "work directory: if the run is killed, the same command continues where it stopped "
                     "and produces the same result.json. Exit code 0 when the zip is written, 1 when the "
-                    "result fails the check (the problems are listed; no zip is written).",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "result fails the check (the problems are listed; no zip is written).")
     _add_model_args(b)
     b.add_argument("--test", required=True, help="the official test.json (blank supporter turns)")
     b.add_argument("--out", default="submission.zip", help="zip to write (default submission.zip)")
@@ -122,8 +124,7 @@ def register(sub) -> None:
         description="Generate every supporter turn of INPUT (turn by turn, batched across dialogues) and write "
                     "the filled file to --out; everything but the supporter turns is kept as it was. With "
                     "--gold-history each turn sees the file's gold earlier replies (validation runs). "
-                    "Resumable: rerun the same command after an interruption.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "Resumable: rerun the same command after an interruption.")
     _add_model_args(g)
     g.add_argument("--input", required=True, help="PESC file (test.json, val.json, ...)")
     g.add_argument("--out", required=True, help="filled file to write")
@@ -139,6 +140,12 @@ def register(sub) -> None:
 def _options(args):
     from pesc.generation import GenerationOptions
 
+    if args.max_prompt_tokens is None:
+        trained = _run_metadata(args.model).get("config", {}).get("max_length")
+        if isinstance(trained, int) and trained >= 8:
+            args.max_prompt_tokens = trained
+            print(f"note: prompts limited to {trained} tokens, the max_length the model was trained with "
+                  f"(--max-prompt-tokens to change)", file=sys.stderr)
     return GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                              repetition_penalty=args.repetition_penalty, batch_size=args.batch_size,
@@ -149,6 +156,10 @@ def _options(args):
 def _load(args):
     from pesc.models import load_model, load_tokenizer
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     print(f"loading model {args.model}", file=sys.stderr)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, args.dtype, args.device)
@@ -354,26 +365,10 @@ def build_main(args) -> int:
     return 0
 
 
-def _result_bytes(path: str):
-    """A result path, or the result.json inside a submission zip."""
-    if path.lower().endswith(".zip"):
-        import zipfile
-
-        try:
-            with zipfile.ZipFile(path) as z:
-                if "result.json" not in z.namelist():
-                    raise DataError("the zip has no result.json at its top level", path=path)
-                return z.read("result.json")
-        except (OSError, zipfile.BadZipFile) as e:
-            raise DataError(f"cannot open the zip: {e}", path=path) from None
-    return Path(path)
-
-
 def check_main(args) -> int:
     from submission.check import check_result
 
-    report = check_result(_result_bytes(args.result), args.test, args.max_reply_chars)
-    report.source = args.result
+    report = check_result(Path(args.result), args.test, args.max_reply_chars)
     print(report.format())
     return 0 if report.ok else 1
 

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pesc.data.dialogue import SUPPORTER, Turn  # noqa: E402
-from pesc.generation import (GenerationOptions, Request, _fit, _last_seeker, generate_dialogues,  # noqa: E402
+from pesc.generation import (GenerationOptions, Request, _fit_from, _last_seeker, generate_dialogues,  # noqa: E402
                              reply_batch, resolve_decoding, special_token_strings)
 
 SHARED = REPO.parent / "shared" / "data" / "pesc"
@@ -77,7 +77,8 @@ def one_at_a_time(model, tok, dialogues, options):
                     k += 1
                 else:
                     hist.append(t)
-            req = Request(_fit(tok, d.profile, hist, dec.max_prompt_tokens, ""), d.id, i, _last_seeker(hist))
+            prompt = _fit_from(tok, d.profile, hist, dec.max_prompt_tokens, 0, dec.context_limit).ids
+            req = Request(prompt, d.id, i, _last_seeker(hist))
             texts, _ = reply_batch(model, tok, [req], dec, specials)
             own.append(texts[0])
         out.append(d.with_supporter_texts(own))

@@ -173,6 +173,7 @@ class Decoding:
     max_prompt_tokens: int
     seed: int
     max_reply_chars: int | None
+    context_limit: int | None = None  # longest prompt the model's context allows with max_new_tokens
 
 
 def _as_list(x) -> list[int]:
@@ -235,7 +236,8 @@ def resolve_decoding(model, tokenizer, options: GenerationOptions | None = None)
         max_new_tokens=int(max_new), do_sample=do_sample, temperature=temperature,
         top_p=float(pick("top_p", 1.0)), top_k=int(pick("top_k", 0) or 0),
         repetition_penalty=float(pick("repetition_penalty", 1.0)), stop_ids=stop_ids, pad_id=pad,
-        max_prompt_tokens=int(budget), seed=int(o.seed), max_reply_chars=o.max_reply_chars)
+        max_prompt_tokens=int(budget), seed=int(o.seed), max_reply_chars=o.max_reply_chars,
+        context_limit=None if limit is None else int(limit - max_new))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -660,7 +662,9 @@ def _replies(model, tokenizer, reqs: list[Request], dec: Decoding, specials: tup
 class GenerationProblem:
     dialogue_id: str
     turn: int  # index in the dialogue's turns (= position in whole_dialog)
-    code: str  # "regenerated" (empty, fixed by sampling) or "fallback" (FALLBACK_REPLY written)
+    # "regenerated" (empty, fixed by sampling), "fallback" (FALLBACK_REPLY written), "long_prompt"
+    # (the profile and the latest seeker turn alone exceed the prompt budget; see _fit_from)
+    code: str
     message: str
 
     def __str__(self):
@@ -808,21 +812,23 @@ def _history(d: Dialogue, upto: int, own: list[str | None], slot_of: dict[int, i
     return hist
 
 
-def _fit(tokenizer, profile: dict, history: list[Turn], budget: int, where: str) -> list[int]:
-    """fit_prompt, with the advice in its error naming the generation option."""
-    try:
-        return fit_prompt(tokenizer, profile, history, budget, where=where)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("raise max_length", "raise max_prompt_tokens (--max-prompt-tokens)")) from None
+@dataclass
+class FittedPrompt:
+    ids: list[int]
+    start: int  # index of the first history turn kept
+    note: str | None = None  # set when even the shortest prompt is over the budget
 
 
-def _fit_from(tokenizer, profile: dict, history: list[Turn], budget: int, where: str,
-              start: int = 0) -> tuple[list[int], int]:
+def _fit_from(tokenizer, profile: dict, history: list[Turn], budget: int, start: int = 0,
+              hard_limit: int | None = None) -> FittedPrompt:
     """`fit_prompt`'s search for the prompt that fits (oldest turns dropped in pairs), begun at `start`.
 
-    Returns (ids, start used). Generation passes the start the dialogue's previous turn needed:
-    history only grows at the end, so the earlier starts still do not fit and the result is the
-    one `fit_prompt` gives, with one or two renderings instead of up to ten.
+    Generation passes the start the dialogue's previous turn needed: history only grows at the
+    end, so the earlier starts still do not fit and the result is the one `fit_prompt` gives, with
+    one or two renderings instead of up to ten. Where training would refuse an example (the profile
+    and the latest seeker turn alone exceed the budget), generation still has to answer: it uses
+    that shortest prompt whole if the model's context (`hard_limit`) allows, else its last
+    `hard_limit` tokens, and says so in `note`.
     """
     candidates, s = [0], 0
     while len(history) - s > 1:
@@ -832,11 +838,16 @@ def _fit_from(tokenizer, profile: dict, history: list[Turn], budget: int, where:
     while True:
         ids = render_prompt(tokenizer, profile, history[s:])
         if len(ids) <= budget:
-            return ids, s
+            return FittedPrompt(ids, s)
         if len(history) - s <= 1:
-            _fit(tokenizer, profile, history, budget, where)  # raises fit_prompt's error
-            raise ConfigError(f"{where}the prompt does not fit {budget} tokens")  # pragma: no cover
+            break
         s += 2 if len(history) - s > 2 else 1
+    if hard_limit is None or len(ids) <= hard_limit:
+        return FittedPrompt(ids, s, f"the profile and the latest seeker turn take {len(ids)} tokens, more than "
+                                    f"the prompt budget of {budget}; used them whole")
+    return FittedPrompt(ids[-hard_limit:], s, f"the profile and the latest seeker turn take {len(ids)} tokens, more "
+                                              f"than the model's context leaves ({hard_limit}); kept the last "
+                                              f"{hard_limit}")
 
 
 def _last_seeker(hist: list[Turn]) -> str | None:
@@ -908,6 +919,7 @@ def generate_dialogues(model, tokenizer, dialogues: Sequence[Dialogue], options:
     stats = {"turns": total, "resumed_turns": done, "generate_calls": 0, "rows": 0, "replayed_batches": 0}
 
     fit_start: dict[str, int] = {}  # per dialogue, where the last prompt's history began
+    noted = {(p.dialogue_id, p.turn, p.code) for p in problems}
 
     def step_requests(k: int) -> list[tuple[int, Request]]:
         reqs = []
@@ -916,9 +928,13 @@ def generate_dialogues(model, tokenizer, dialogues: Sequence[Dialogue], options:
                 continue
             d, turn = dialogues[r], slots[r][k]
             hist = _history(d, turn, texts[d.id], slot_of[r], use_gold_history)
-            prompt, fit_start[d.id] = _fit_from(tokenizer, d.profile, hist, dec.max_prompt_tokens,
-                                                f"dialogue {d.id}, turn {turn}: ", fit_start.get(d.id, 0))
-            reqs.append((r, Request(prompt, d.id, turn, _last_seeker(hist))))
+            fitted = _fit_from(tokenizer, d.profile, hist, dec.max_prompt_tokens, fit_start.get(d.id, 0),
+                               dec.context_limit)
+            fit_start[d.id] = fitted.start
+            if fitted.note and (d.id, turn, "long_prompt") not in noted:
+                noted.add((d.id, turn, "long_prompt"))
+                problems.append(GenerationProblem(d.id, turn, "long_prompt", fitted.note))
+            reqs.append((r, Request(fitted.ids, d.id, turn, _last_seeker(hist))))
         return reqs
 
     def order(reqs: list[tuple[int, Request]], use_store: bool) -> list[tuple[int, Request, int]]:
@@ -1018,7 +1034,7 @@ def generate_dialogues(model, tokenizer, dialogues: Sequence[Dialogue], options:
 def _chat_request(tokenizer, profile: dict, history: list[Turn], dec: Decoding) -> Request:
     if history and history[-1].role == SUPPORTER:
         raise ConfigError("the history ends with a supporter turn; the next turn is the seeker's")
-    prompt = _fit(tokenizer, profile, list(history), dec.max_prompt_tokens, "chat: ")
+    prompt = _fit_from(tokenizer, profile, list(history), dec.max_prompt_tokens, 0, dec.context_limit).ids
     key = "chat:" + hashlib.blake2b(json.dumps([t.text for t in history]).encode(), digest_size=8).hexdigest()
     return Request(prompt, key, len(history), _last_seeker(list(history)))
 

@@ -195,16 +195,16 @@ def test_turn_sees_own_earlier_replies_or_gold(tiny, test_dialogues, monkeypatch
     seen = []
     real_fit = G._fit_from
 
-    def spy(tokenizer, profile, history, budget, where, start=0):
-        seen.append((where, [t.text for t in history if t.role == SUPPORTER]))
-        return real_fit(tokenizer, profile, history, budget, where, start)
+    def spy(tokenizer, profile, history, budget, start=0, hard_limit=None):
+        seen.append((len(history), [t.text for t in history if t.role == SUPPORTER]))
+        return real_fit(tokenizer, profile, history, budget, start, hard_limit)
 
     monkeypatch.setattr(G, "_fit_from", spy)
     d = test_dialogues[0]
     out = generate_dialogues(model, tok, [d], GenerationOptions(max_new_tokens=5), progress=False)
     own = supporter_texts(out)
-    for k, (where, hist) in enumerate(seen):
-        assert where == f"dialogue {d.id}, turn {2 * k + 1}: " and hist == own[:k]
+    for k, (n_turns, hist) in enumerate(seen):
+        assert n_turns == 2 * k + 1 and hist == own[:k]
     gold = load_task(FIX / "val.json").dialogues[0]
     seen.clear()
     generate_dialogues(model, tok, [gold], GenerationOptions(max_new_tokens=5), use_gold_history=True,
@@ -213,19 +213,26 @@ def test_turn_sees_own_earlier_replies_or_gold(tiny, test_dialogues, monkeypatch
 
 
 def test_prompt_search_from_the_previous_start_equals_fit_prompt(tiny):
-    from pesc.data.examples import fit_prompt
+    from pesc.data.examples import fit_prompt, render_prompt
 
     _, tok, _ = tiny
     d = load_task(FIX / "val.json").dialogues[2]
     for budget in (240, 400, 800):
         start, cut = 0, 0
         for i in range(1, 20, 2):
-            ids, start = G._fit_from(tok, d.profile, d.turns[:i], budget, "", start)
-            assert ids == fit_prompt(tok, d.profile, d.turns[:i], budget)
+            fitted = G._fit_from(tok, d.profile, d.turns[:i], budget, start)
+            assert fitted.ids == fit_prompt(tok, d.profile, d.turns[:i], budget) and fitted.note is None
+            start = fitted.start
             cut = max(cut, start)
         assert (cut > 0) == (budget < 800)  # the small budgets really dropped history
-    with pytest.raises(ConfigError, match="dialogue 9003, turn 5: .*max_prompt_tokens"):
-        G._fit_from(tok, d.profile, d.turns[:5], 20, "dialogue 9003, turn 5: ", 2)
+    # where training would refuse, generation answers from the shortest prompt and says so
+    shortest = render_prompt(tok, d.profile, d.turns[4:5])
+    with pytest.raises(ConfigError):
+        fit_prompt(tok, d.profile, d.turns[:5], 20)
+    fitted = G._fit_from(tok, d.profile, d.turns[:5], 20, 2)
+    assert fitted.ids == shortest and fitted.start == 4 and "used them whole" in fitted.note
+    fitted = G._fit_from(tok, d.profile, d.turns[:5], 20, 0, hard_limit=50)
+    assert fitted.ids == shortest[-50:] and "kept the last 50" in fitted.note
 
 
 def test_batched_equals_one_at_a_time_greedy(tiny, test_dialogues):
@@ -240,7 +247,7 @@ def test_batched_equals_one_at_a_time_greedy(tiny, test_dialogues):
     dec = resolve_decoding(model, tok, GenerationOptions(**opts))
     checked = 0
     for d, got in zip(test_dialogues, supporter_texts(batched)[::10]):
-        prompt = G._fit(tok, d.profile, d.turns[:1], dec.max_prompt_tokens, "")
+        prompt = G._fit_from(tok, d.profile, d.turns[:1], dec.max_prompt_tokens).ids
         with torch.inference_mode():
             raw = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
                                  dtype=torch.long), max_new_tokens=10, do_sample=False,
@@ -300,8 +307,11 @@ def test_input_errors_name_dialogue_and_turn(tiny, test_dialogues):
         generate_dialogues(model, tok, [test_dialogues[0], test_dialogues[0]], progress=False)
     with pytest.raises(DataError, match="dialogue 9001, turn 1"):
         generate_dialogues(model, tok, test_dialogues[:1], use_gold_history=True, progress=False)
-    with pytest.raises(ConfigError, match="max_prompt_tokens"):
-        generate_dialogues(model, tok, test_dialogues[:1], GenerationOptions(max_prompt_tokens=16), progress=False)
+    out = generate_dialogues(model, tok, test_dialogues[:1], GenerationOptions(max_prompt_tokens=16, max_new_tokens=3),
+                             progress=False)
+    assert all(supporter_texts(out))
+    assert [(p.dialogue_id, p.turn) for p in out.problems if p.code == "long_prompt"] == \
+        [("9001", t) for t in range(1, 20, 2)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -175,12 +175,14 @@ def _generate(model, tokenizer, task, args, options, checkpoint: Path, gold: boo
     result = generate_dialogues(model, tokenizer, task.dialogues, options, use_gold_history=gold,
                                 checkpoint_path=checkpoint, checkpoint_every=args.checkpoint_every,
                                 progress=not args.no_progress)
-    for code in ("regenerated", "fallback"):
+    what = {"regenerated": "replies were empty and regenerated with sampling",
+            "fallback": "replies stayed empty and got the fallback reply",
+            "long_prompt": "prompts exceed the budget with only the profile and the latest seeker turn "
+                           "(used whole; --max-prompt-tokens to raise it)"}
+    for code, text in what.items():
         hits = [p for p in result.problems if p.code == code]
         if hits:
-            what = "were empty and regenerated with sampling" if code == "regenerated" else \
-                "stayed empty and got the fallback reply"
-            print(f"note: {len(hits)} repl{'y' if len(hits) == 1 else 'ies'} {what}: "
+            print(f"note: {len(hits)} {text}: "
                   + "; ".join(f"{p.dialogue_id}/turn {p.turn}" for p in hits[:20])
                   + (" ..." if len(hits) > 20 else ""), file=sys.stderr)
     return result

@@ -359,3 +359,19 @@ def test_exported_problems_reproduce_the_loss_with_pot():
     ref = np.mean([ot.sinkhorn2(a.numpy(), b.numpy(), C.numpy(), 0.1, numItermax=50, stopThr=0.0)
                    for a, b, C in problems])
     assert out.value.item() == pytest.approx(ref, rel=1e-9)
+
+
+def test_bfloat16_products_stay_close_to_float32():
+    s, t, Es, Et, mask = _setup(seed=12)
+    s, t, Es, Et = s.detach().float().requires_grad_(), t.float(), Es.float(), Et.float()
+    kw = dict(student_embeddings=Es, teacher_embeddings=Et)
+    out = {}
+    for precision in ["float32", "bfloat16"]:
+        loss = build_loss("sinkhorn", topk=4, cost="euclidean", precision=precision)
+        torch.manual_seed(0)
+        loss.prepare(**kw)
+        v = loss(s, TeacherSignal(logits=t), mask, **kw).value
+        out[precision] = (v,) + torch.autograd.grad(v, (s, loss.projection.weight))
+    for x, y in zip(out["bfloat16"], out["float32"]):
+        assert _rel(x, y) < 2e-2
+    assert abs(out["bfloat16"][0].item() - out["float32"][0].item()) < 5e-3 * out["float32"][0].item()

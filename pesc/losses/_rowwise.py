@@ -68,69 +68,156 @@ def bucket_rows(rule: RowRule, ids: torch.Tensor, logprobs: torch.Tensor, rest: 
     return rows
 
 
+class RowReader:
+    """Reads chunks of rows x[bi, ti, :vocab] as `dtype`, scaled by 1/tau, into a reused buffer.
+
+    Large temporaries are expensive mostly through page faults on fresh memory, so each reader owns
+    one (chunk x vocab) buffer; the tensor `read` returns is valid until the next read. When x's
+    (batch, length) axes can be viewed as one (contiguous logits, or the trainer's packed (1, N, V)),
+    rows are gathered with index_select straight into the buffer.
+    """
+
+    def __init__(self, x: torch.Tensor, bi: torch.Tensor, ti: torch.Tensor, vocab: int, dtype: torch.dtype,
+                 chunk: int, tau: float = 1.0):
+        x = x.detach()
+        self.x, self.bi, self.ti, self.vocab, self.dtype, self.tau = x, bi, ti, vocab, dtype, tau
+        try:
+            self.flat = x.view(x.shape[0] * x.shape[1], x.shape[2])
+            self.idx = bi * x.shape[1] + ti
+        except RuntimeError:
+            self.flat = None
+        direct = self.flat is not None and x.dtype == dtype and x.shape[-1] == vocab
+        self.raw = (torch.empty(chunk, x.shape[-1], dtype=x.dtype, device=x.device)
+                    if self.flat is not None and not direct else None)
+        self.buf = torch.empty(chunk, vocab, dtype=dtype, device=x.device)
+        self.direct = direct
+
+    def view(self, start: int, end: int) -> torch.Tensor | None:
+        """The rows as a view of x (no copy, must not be modified) when they are consecutive rows of
+        a tensor already in the compute dtype and tau == 1; else None."""
+        if not (self.direct and self.tau == 1.0):
+            return None
+        first, last = int(self.idx[start]), int(self.idx[end - 1])
+        if last - first != end - start - 1:
+            return None
+        return self.flat[first:last + 1]
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        r = end - start
+        out = self.buf[:r]
+        if self.direct:
+            torch.index_select(self.flat, 0, self.idx[start:end], out=out)
+        else:
+            if self.flat is not None:
+                raw = self.raw[:r]
+                torch.index_select(self.flat, 0, self.idx[start:end], out=raw)
+            else:
+                raw = self.x[self.bi[start:end], self.ti[start:end]]
+            out.copy_(raw[:, : self.vocab])
+        if self.tau != 1.0:
+            out.mul_(1.0 / self.tau)
+        return out
+
+
+def grad_buffer(x: torch.Tensor, n_rows: int, vocab: int) -> torch.Tensor:
+    """A gradient buffer shaped like x: uninitialised when the rows written cover all of it."""
+    full = n_rows == x.shape[0] * x.shape[1] and vocab == x.shape[-1]
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if full else torch.zeros_like(
+        x, memory_format=torch.contiguous_format)
+
+
+def write_rows(grad: torch.Tensor, bi, ti, start: int, end: int, vocab: int, values: torch.Tensor) -> None:
+    """grad[bi, ti, :vocab] = values for the rows start:end (cast to grad's dtype)."""
+    b, t = bi[start:end], ti[start:end]
+    if vocab == grad.shape[-1]:
+        grad[b, t] = values.to(grad.dtype)
+    else:
+        grad[b, t, :vocab] = values.to(grad.dtype)
+
+
+def logsumexp_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """log sum exp over the last axis (R, 1), using `scratch` (same shape) as workspace."""
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    torch.sub(x, m, out=scratch)
+    return scratch.exp_().sum(-1, keepdim=True).log_().add_(m)
+
+
 class DenseForwardKL:
     """Fast row function for KL(p || q) against dense teacher logits, with the generic rule as a
     fallback for rows holding -inf logits (where the closed form below would give NaN).
 
     value = sum_v p_v (z_T - z_S)_v - lse(z_T) + lse(z_S);  d value / d z_S = q - p.
-    About half the memory passes of the generic path: no log-softmax tensors, no clamps.
+    About half the memory passes of the generic path, in two reused buffers: no log-softmax
+    tensors, no clamps.
     """
 
     def __init__(self, rule: RowRule, teacher_logits: torch.Tensor, teacher_vocab: int, tau: float):
         self.logits, self.vocab, self.tau = teacher_logits.detach(), teacher_vocab, tau
         self.generic = dense_rows(rule, teacher_logits, teacher_vocab, tau)
+        self.reader = None
 
     def __call__(self, b, t, lq, q, floor):
         return self.generic(b, t, lq, q, floor)
 
-    def raw(self, b, t, zs, need_grad):
-        zt = self.logits[b, t, : self.vocab].to(zs.dtype)
-        if self.tau != 1.0:
-            zt.div_(self.tau)
-        lse_t = torch.logsumexp(zt, dim=-1, keepdim=True)
-        lse_s = torch.logsumexp(zs, dim=-1, keepdim=True)
-        p = zt - lse_t
-        p.exp_()
-        zt.sub_(zs)
-        value = torch.bmm(p.unsqueeze(1), zt.unsqueeze(2)).view(-1) + (lse_s - lse_t).view(-1)
-        del zt
+    def raw(self, start, end, bi, ti, zs, out, need_grad):
+        """zs: the student rows (not modified); out: a buffer of zs's shape for the gradient."""
+        r = zs.shape[0]
+        if self.reader is None or self.reader.buf.shape[0] < r:
+            self.reader = RowReader(self.logits, bi, ti, self.vocab, zs.dtype, r, self.tau)
+            self.scratch = torch.empty_like(self.reader.buf)
+        zt = self.reader.view(start, end)
+        zt = self.reader.read(start, end) if zt is None else zt
+        p = self.scratch[:r]
+        lse_t = logsumexp_(zt, p)
+        lse_s = logsumexp_(zs, p)
+        torch.sub(zt, lse_t, out=p).exp_()
+        dot = lambda u, v: torch.bmm(u.unsqueeze(1), v.unsqueeze(2)).view(-1)  # noqa: E731
+        value = dot(p, zt) - dot(p, zs) + (lse_s - lse_t).view(-1)
         if not bool(torch.isfinite(value).all()):
             return None
         if not need_grad:
             return value, None
-        gz = zs.sub_(lse_s).exp_().sub_(p)       # q - p, in place on the student rows
+        gz = torch.sub(zs, lse_s, out=out).exp_().sub_(p)       # q - p
         return value, gz
+
+    def release(self):
+        self.reader = self.scratch = None
 
 
 def _run(student, rows, bi, ti, vocab, tau, coef, chunk, need_grad):
     dtype = compute_dtype(student)
     floor = log_tiny(dtype)
     total = torch.zeros((), dtype=torch.float64, device=student.device)
-    grad = torch.zeros_like(student) if need_grad else None
+    grad = grad_buffer(student, bi.numel(), vocab) if need_grad else None
     raw = getattr(rows, "raw", None)
     n = bi.numel()
-    for start in range(0, n, chunk):
-        b, t = bi[start:start + chunk], ti[start:start + chunk]
-        s = student[b, t, :vocab].to(dtype)
-        if tau != 1.0:
-            s.div_(tau)
-        out = raw(b, t, s, need_grad) if raw is not None else None
-        if out is not None:
-            value, gz = out
-        else:
-            lq = torch.log_softmax(s, dim=-1)
-            del s
-            q = lq.exp()
-            value, gz = rows(b, t, lq, q, floor)
-            del lq
+    reader = RowReader(student, bi, ti, vocab, dtype, min(chunk, n), tau)
+    try:
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            s = reader.view(start, end) if raw is not None else None
+            s = reader.read(start, end) if s is None else s
+            out = raw(start, end, bi, ti, s, reader.buf[: end - start], need_grad) if raw is not None else None
+            if out is not None:
+                value, gz = out
+            else:
+                b, t = bi[start:end], ti[start:end]
+                lq = torch.log_softmax(s, dim=-1)      # (the fast path, if any, left s intact)
+                q = lq.exp()
+                value, gz = rows(b, t, lq, q, floor)
+                del lq
+                if need_grad:
+                    gz.sub_(q * gz.sum(-1, keepdim=True))   # softmax Jacobian: qG - q sum(qG)
+                del q
+            total += value.sum(dtype=torch.float64)
             if need_grad:
-                gz.sub_(q * gz.sum(-1, keepdim=True))   # softmax Jacobian: qG - q sum(qG)
-            del q
-        total += value.sum(dtype=torch.float64)
-        if need_grad:
-            gz.mul_(coef / tau)
-            grad[b, t, :vocab] = gz.to(grad.dtype)
-        del gz, out
+                gz.mul_(coef / tau)
+                write_rows(grad, bi, ti, start, end, vocab, gz)
+            del gz, out
+    finally:
+        if hasattr(rows, "release"):
+            rows.release()
     return total * coef, grad
 
 
@@ -164,6 +251,8 @@ def row_loss(student, rows: RowFn, bi, ti, vocab: int, tau: float, coef: float, 
 
     `rows(b, t, lq, q, floor) -> (value (R,), qG (R, vocab))` gets the student's log-probs / probs
     at temperature tau for a chunk of rows (first `vocab` logits) and returns the per-row values and
-    q * dvalue/dq.
+    q * dvalue/dq. A row function may also offer `raw(start, end, bi, ti, z, out, need_grad)` taking
+    the scaled logits z = s / tau (read-only) and a buffer `out` of z's shape, returning (value,
+    d value / d z), or None to fall back to the generic path.
     """
     return _RowLoss.apply(student, rows, bi, ti, vocab, tau, coef, chunk)

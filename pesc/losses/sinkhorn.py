@@ -35,6 +35,7 @@ from torch import nn
 from pesc.errors import ConfigError
 from pesc.losses.base import (DistillLoss, LossOutput, TeacherSignal, build_loss, check_vocab, chunk_rows,
                               compute_dtype, masked_rows, register_loss)
+from pesc.losses._rowwise import RowReader, grad_buffer, logsumexp_, write_rows
 from pesc.losses.ot import point_cloud_ot
 
 
@@ -58,15 +59,25 @@ class _GatherLogProbs(torch.autograd.Function):
     def backward(ctx, g):
         student, bi, ti, ids, lse = ctx.saved_tensors
         vocab, tau, chunk = ctx.vocab, ctx.tau, ctx.chunk
-        grad = torch.zeros_like(student)
-        for s in range(0, bi.numel(), chunk):
-            b, t = bi[s:s + chunk], ti[s:s + chunk]
-            gc = g[s:s + chunk]
-            row = student[b, t, :vocab].to(lse.dtype)
-            row.div_(tau).sub_(lse[s:s + chunk, None]).exp_()          # softmax
-            row.mul_(-gc.sum(-1, keepdim=True))
-            row.scatter_add_(-1, ids[s:s + chunk], gc)
-            grad[b, t, :vocab] = row.div_(tau).to(grad.dtype)
+        M = bi.numel()
+        grad = grad_buffer(student, M, vocab)
+        reader = RowReader(student, bi, ti, vocab, lse.dtype, min(chunk, M), tau)
+        flat = grad.view(-1, grad.shape[-1]) if (grad.dtype == lse.dtype and vocab == grad.shape[-1]) else None
+        for s in range(0, M, chunk):
+            e = min(s + chunk, M)
+            gc = g[s:e] * (1.0 / tau)
+            view = reader.view(s, e)
+            first = int(reader.idx[s]) if view is not None else 0
+            direct = view is not None and flat is not None
+            out = flat[first:first + e - s] if direct else reader.buf[: e - s]
+            if view is None:
+                row = reader.read(s, e).sub_(lse[s:e, None])
+            else:
+                row = torch.sub(view, lse[s:e, None], out=out)
+            row.exp_().mul_(-gc.sum(-1, keepdim=True))                 # -softmax * sum(g) / tau
+            row.scatter_add_(-1, ids[s:e], gc)
+            if not direct:
+                write_rows(grad, bi, ti, s, e, vocab, row)
         return grad, None, None, None, None, None, None, None
 
 
@@ -91,7 +102,10 @@ class SinkhornLoss(DistillLoss):
     Runs from a top-k teacher cache (k <= the cache's k): teacher masses at support ids outside the
     cache are 0 (with masses="rest" they are part of the rest point's mass). Not multiplied by tau^2.
     Student embeddings get no gradient unless `embedding_grad` (moving embeddings to shrink
-    transport costs can collapse them); the projection always does.
+    transport costs can collapse them); the projection always does. `precision="bfloat16"` runs the
+    matrix products on the points (projection, inner products, cost gradient) in bfloat16 with
+    float32 norms, sums and solver: ~3x faster products on CPUs/GPUs with bfloat16 units, costs
+    within ~1e-3 relative of float32.
     """
 
     supports_sparse_teacher = True
@@ -108,7 +122,8 @@ class SinkhornLoss(DistillLoss):
                  points: Literal["both", "student"] = "both",
                  projection: Literal["auto", "always", "none"] = "auto",
                  projection_init: Literal["lstsq", "orthogonal"] = "lstsq", embedding_grad: bool = False,
-                 student_dim: int | None = None, teacher_dim: int | None = None, memory_mb: float = 256.0):
+                 student_dim: int | None = None, teacher_dim: int | None = None, memory_mb: float = 256.0,
+                 precision: Literal["float32", "bfloat16"] = "float32"):
         super().__init__(temperature)
         checks = [(topk >= 1, f"topk must be >= 1, got {topk}"),
                   (epsilon > 0, f"epsilon must be > 0, got {epsilon}"),
@@ -126,14 +141,15 @@ class SinkhornLoss(DistillLoss):
                                   ("grad", grad, ("envelope", "autodiff")), ("normalize", normalize, ("max", "mean", "none")),
                                   ("method", method, ("auto", "scaling", "log")), ("points", points, ("both", "student")),
                                   ("projection", projection, ("auto", "always", "none")),
-                                  ("projection_init", projection_init, ("lstsq", "orthogonal"))]:
+                                  ("projection_init", projection_init, ("lstsq", "orthogonal")),
+                                  ("precision", precision, ("float32", "bfloat16"))]:
             if val not in allowed:
                 raise ConfigError(f"loss {self.name!r}: {key} must be one of {', '.join(allowed)}, got {val!r}")
         self.vocab_size, self.topk, self.support, self.masses = vocab_size, int(topk), support, masses
         self.cost, self.epsilon, self.iters, self.tol = cost, float(epsilon), int(iters), tol
         self.value, self.grad, self.debias, self.normalize, self.method = value, grad, bool(debias), normalize, method
         self.points, self.projection_mode, self.projection_init = points, projection, projection_init
-        self.embedding_grad, self.memory_mb = bool(embedding_grad), float(memory_mb)
+        self.embedding_grad, self.memory_mb, self.precision = bool(embedding_grad), float(memory_mb), precision
         self.projection: nn.Linear | None = None
         if student_dim is not None and teacher_dim is not None:
             self.prepare(student_hidden_size=student_dim, teacher_hidden_size=teacher_dim)
@@ -191,7 +207,7 @@ class SinkhornLoss(DistillLoss):
             pb["a"], pb["b"], pb["X"], pb["Y"], pb["index"], pb["index"], cost=self.cost, epsilon=self.epsilon,
             n_iters=self.iters, tol=self.tol, value=self.value, grad=self.grad, normalize=self.normalize,
             a_rest=pb["a_rest"], b_rest=pb["b_rest"], n_valid=pb["n_valid"], debias=self.debias,
-            method=self.method, memory_mb=self.memory_mb)
+            method=self.method, memory_mb=self.memory_mb, precision=self.precision)
         M = values.shape[0]
         denom = self.denominator(num_items, M)
         value = values.sum() / denom
@@ -262,16 +278,18 @@ class SinkhornLoss(DistillLoss):
         lse_t = torch.empty_like(lse_s) if teacher.is_dense else None
         ids_t = torch.empty_like(ids_s)
         with torch.no_grad():
+            readers = [(RowReader(student_logits, bi, ti, vocab, dtype, min(chunk, M), tau), lse_s, ids_s)]
+            if teacher.is_dense:
+                readers.append((RowReader(tlog, bi, ti, vocab, dtype, min(chunk, M), tau), lse_t, ids_t))
+            scratch = torch.empty_like(readers[0][0].buf)
             for s in range(0, M, chunk):
-                b, t = bi[s:s + chunk], ti[s:s + chunk]
-                row = student_logits[b, t, :vocab].to(dtype).div_(tau)
-                lse_s[s:s + chunk] = torch.logsumexp(row, -1)
-                ids_s[s:s + chunk] = row.topk(k, -1).indices
-                if teacher.is_dense:
-                    row = tlog[b, t, :vocab].to(dtype).div_(tau)
-                    lse_t[s:s + chunk] = torch.logsumexp(row, -1)
-                    ids_t[s:s + chunk] = row.topk(k, -1).indices
-                del row
+                e = min(s + chunk, M)
+                for reader, lse, top in readers:
+                    row = reader.view(s, e)
+                    row = reader.read(s, e) if row is None else row
+                    lse[s:e] = logsumexp_(row, scratch[: e - s]).squeeze(-1)
+                    top[s:e] = row.topk(k, -1, sorted=False).indices
+            del readers, scratch
             if not teacher.is_dense:
                 lp_rows, cid = cache_lp[bi, ti].to(dtype), cache_ids[bi, ti]
                 top = lp_rows.topk(k, -1).indices if k <= cid.shape[-1] else None
@@ -336,7 +354,11 @@ class SinkhornLoss(DistillLoss):
                                   f"{ds}, teacher {dt}): call loss.prepare(student_embeddings=..., "
                                   "teacher_embeddings=...) before building the optimizer")
             if self.projection is not None:
-                Y = Y @ self.projection.weight.to(dtype).t()
+                W = self.projection.weight
+                if self.precision == "bfloat16" and dtype == torch.float32:
+                    Y = (Y.to(torch.bfloat16) @ W.to(torch.bfloat16).t()).to(dtype)
+                else:
+                    Y = Y @ W.to(dtype).t()
 
         return {"a": a, "b": b, "a_rest": a_rest, "b_rest": b_rest, "X": X, "Y": Y, "index": inv,
                 "n_valid": n_valid}

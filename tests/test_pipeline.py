@@ -38,10 +38,12 @@ def test_smoke_run_on_task_files(shared_pesc, tmp_path):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kl_after"] < summary["kl_before"]
-    for key in ("student_bleu4", "student_rougeL", "teacher_bleu4", "teacher_rougeL"):
-        assert 0.0 <= summary[key] <= 1.0
+    for who in ("teacher", "student_before", "student_after"):
+        for key in ("bleu4", "rougeL"):
+            assert 0.0 <= summary["scores"][who][key] <= 1.0
+    assert summary["result_check_problems"] == []
     assert (out / "config.yaml").exists() and (out / "student" / "config.json").exists()
-    assert (out / "log.jsonl").exists() or (out / "student" / "log.jsonl").exists()
+    assert (out / "teacher" / "log.jsonl").exists() and (out / "student" / "log.jsonl").exists()
 
 
 @pytest.mark.xdist_group("pipeline")

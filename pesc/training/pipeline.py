@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pesc.data.dialogue import Dialogue, Turn
-from pesc.data.examples import build_examples
+from pesc.data.dialogue import Dialogue
 from pesc.data.pesc_json import dump_pesc, load_pesc
 from pesc.errors import ConfigError
 from pesc.training.config import RunConfig
@@ -99,140 +99,108 @@ def prepare_models(cfg: RunConfig, data: RunData, run_dir: Path):
 
 
 class Timer:
+    """Named wall-clock sections, printed as headers so a long run shows where it is."""
+
     def __init__(self):
         self.times: dict[str, float] = {}
 
-    def __call__(self, name):
-        timer = self
-
-        class _T:
-            def __enter__(self):
-                self.t = time.perf_counter()
-                print(f"\n== {name}", flush=True)
-
-            def __exit__(self, *exc):
-                timer.times[name] = round(time.perf_counter() - self.t, 1)
-        return _T()
-
-
-def fit(trainer_cls, model, examples, tokenizer, out_dir: Path, *, steps, lr, cfg: RunConfig, **kw):
-    from pesc.training.trainer import Collator, ExampleDataset, training_args
-
-    args = training_args(str(out_dir / "trainer"), steps=steps, lr=lr, batch_size=cfg.batch_size,
-                         grad_accum=cfg.grad_accum, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
-                         weight_decay=cfg.weight_decay, logging_steps=max(1, steps // 6))
-    trainer = trainer_cls(model=model, args=args, train_dataset=ExampleDataset(examples),
-                          data_collator=Collator(tokenizer.pad_token_id), **kw)
-    trainer.train()
-    with open(out_dir / "log.jsonl", "a", encoding="utf-8") as f:
-        for rec in trainer.state.log_history:
-            f.write(json.dumps({"stage": out_dir.name, **rec}) + "\n")
-    return trainer
+    @contextmanager
+    def __call__(self, name: str):
+        print(f"\n== {name}", flush=True)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = round(time.perf_counter() - t, 1)
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
+    """Teacher SFT -> distillation (stages, evaluated before/after) -> result.json -> summary table."""
     from pesc.generation import GenerationOptions, generate_dialogues
-    from pesc.losses import build_loss
-    from pesc.metrics import score_texts
-    from pesc.metrics.kl import teacher_student_kl
-    from pesc.models import load_model, load_tokenizer, save_model
-    from pesc.training.trainer import DistillTrainer, SFTTrainer
+    from pesc.models import load_model, load_tokenizer
+    from pesc.training.stages import distill, train_teacher
 
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
     timer = Timer()
-
     with timer("data"):
         data = load_run_data(cfg)
         print(f"data: {data.description}")
-    with timer("models"):
-        teacher_path, student_path = prepare_models(cfg, data, run_dir)
-        tokenizer = load_tokenizer(teacher_path)
-        student_tok = load_tokenizer(student_path)
-        if len(student_tok) != len(tokenizer):
-            raise ConfigError("teacher and student tokenizers differ; the pipeline distils one family")
-        train_ex = build_examples(data.train, tokenizer, cfg.max_length)
-        held_ex = build_examples(data.heldout, tokenizer, cfg.max_length)
-        print(f"examples: {len(train_ex)} train, {len(held_ex)} held-out (max_length {cfg.max_length})")
-        teacher = load_model(teacher_path, cfg.dtype)
-        student = load_model(student_path, cfg.dtype)
-        vocab = len(tokenizer)
-
-    if cfg.teacher_steps > 0:
+    teacher_res = None
+    if cfg.teacher_steps > 0 or cfg.teacher_epochs:
         with timer("teacher fine-tuning"):
-            fit(SFTTrainer, teacher.train(), train_ex, tokenizer, run_dir / "teacher",
-                steps=cfg.teacher_steps, lr=cfg.teacher_lr, cfg=cfg)
-            teacher.eval()
-            save_model(teacher, tokenizer, run_dir / "teacher")
+            teacher_res = train_teacher(cfg, data)
+    with timer("distillation (with evaluation before and after)"):
+        res = distill(cfg, data)
+    cfg.save(run_dir / "config.yaml")
 
-    with timer("KL before distillation"):
-        kl_before = teacher_student_kl(teacher, student, held_ex, tokenizer.pad_token_id,
-                                       temperature=cfg.kl_temperature, vocab_size=vocab)
-    with timer("distillation"):
-        loss = build_loss(cfg.loss, temperature=cfg.temperature, vocab_size=vocab, **cfg.loss_params)
-        trainer = fit(DistillTrainer, student.train(), train_ex, tokenizer, run_dir / "student",
-                      steps=cfg.distill_steps, lr=cfg.lr, cfg=cfg, teacher=teacher, distill_loss=loss,
-                      alpha=cfg.alpha, vocab_size=vocab)
-        student.eval()
-        save_model(student, tokenizer, run_dir / "student")
-        extra = trainer.distill_loss.state_dict()
-        if extra:
-            torch.save(extra, run_dir / "student" / "distill_loss_state.pt")
-    with timer("KL after distillation"):
-        kl_after = teacher_student_kl(teacher, student, held_ex, tokenizer.pad_token_id,
-                                      temperature=cfg.kl_temperature, vocab_size=vocab)
-
-    options = GenerationOptions(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
-                                do_sample=False, seed=cfg.seed, max_prompt_tokens=cfg.max_length)
     with timer("generate test result.json"):
+        student_dir = run_dir / "student"
+        student, tokenizer = load_model(str(student_dir), cfg.dtype), load_tokenizer(str(student_dir))
+        options = GenerationOptions(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
+                                    do_sample=False, seed=cfg.seed, max_prompt_tokens=cfg.max_length)
         filled = generate_dialogues(student, tokenizer, data.test, options,
                                     checkpoint_path=run_dir / "result.partial.json")
         dump_pesc(filled, run_dir / "result.json")
-    with timer("score held-out"):
-        eval_dialogues = data.heldout[: cfg.eval_dialogues] if cfg.eval_dialogues else data.heldout
-        refs = [t.text for d in eval_dialogues for t in d.turns if t.role == "supporter"]
-        rows = {}
-        for name, model in (("teacher", teacher), ("student", student)):
-            gen = generate_dialogues(model, tokenizer, eval_dialogues, options, use_gold_history=True,
-                                     progress=True)
-            preds = [t.text for d in gen for t in d.turns if t.role == "supporter"]
-            rows[name] = score_texts(preds, refs, metrics=("bleu4", "rougeL"))
+        problems = check_against_test(run_dir / "result.json", data.test)
 
+    ev = res["eval"]
+    before, after = ev.get("before", {}), ev.get("after", {})
+    teacher_after = (teacher_res or {}).get("eval", {}).get("after", {})
+    kl0, kl1 = before.get("kl"), after.get("kl")
     summary = {
-        "preset": cfg.preset, "loss": cfg.loss, "alpha": cfg.alpha, "temperature": cfg.temperature,
-        "data": data.description, "teacher": teacher_path, "student_init": student_path,
-        "heldout_examples": len(held_ex), "eval_turns": len(refs),
-        "kl_temperature": cfg.kl_temperature,
-        "kl_before": kl_before.per_token_mean, "kl_after": kl_after.per_token_mean,
-        "kl_relative_change": (kl_after.per_token_mean - kl_before.per_token_mean) / kl_before.per_token_mean,
-        "kl_sum_before": kl_before.per_example_sum_mean, "kl_sum_after": kl_after.per_example_sum_mean,
-        "teacher_bleu4": rows["teacher"]["bleu4"], "teacher_rougeL": rows["teacher"]["rougeL"],
-        "student_bleu4": rows["student"]["bleu4"], "student_rougeL": rows["student"]["rougeL"],
+        "preset": cfg.preset, "loss": cfg.loss, "loss_params": cfg.loss_params, "alpha": cfg.alpha,
+        "temperature": cfg.temperature, "data": data.description, "teacher": res["teacher"],
+        "student_init": res["student_init"], "kl_temperature": cfg.kl_temperature,
+        "eval_examples": ev.get("examples"), "eval_turns": ev.get("turns"),
+        "kl_before": kl0, "kl_after": kl1,
+        "kl_relative_change": (kl1 - kl0) / kl0 if kl0 and kl1 is not None else None,
+        "kl_sum_before": before.get("kl_sum"), "kl_sum_after": after.get("kl_sum"),
+        "scores": {"teacher": teacher_after, "student_before": before, "student_after": after},
         "result_json": str(run_dir / "result.json"), "test_dialogues": len(filled),
-        "seconds": timer.times,
+        "result_check_problems": problems, "seconds": timer.times,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print("\n" + format_summary(summary))
     return summary
 
 
+def check_against_test(result_path: Path, test: list[Dialogue]) -> list[str]:
+    """The submission pre-flight check on the written file; problems are reported, not fatal."""
+    from submission.check import check_result
+
+    report = check_result(result_path, test)
+    if not report.ok:
+        print(report.format())
+    return [f"{p.dialogue_id}/{p.turn}: {p.message}" for p in report.problems]
+
+
+def _fmt(v, scale=1.0, digits=4):
+    return "-" if v is None else f"{v * scale:.{digits}f}"
+
+
 def format_summary(s: dict) -> str:
-    rows = [
-        ("teacher-student KL (per token, tau={})".format(s["kl_temperature"]),
-         f"{s['kl_before']:.4f}", f"{s['kl_after']:.4f}", f"{100 * s['kl_relative_change']:+.1f}%"),
-        ("KL, per-example sum (research convention)", f"{s['kl_sum_before']:.2f}", f"{s['kl_sum_after']:.2f}", ""),
-    ]
     out = [f"pesc run: preset {s['preset']}, loss {s['loss']} (alpha {s['alpha']}, tau {s['temperature']})",
            f"data: {s['data']}", ""]
-    out.append(f"{'':48} {'before':>10} {'after':>10} {'change':>8}")
-    out += [f"{a:48} {b:>10} {c:>10} {d:>8}" for a, b, c, d in rows]
+    change = s["kl_relative_change"]
+    out.append(f"{'teacher-student KL on ' + str(s['eval_examples']) + ' held-out examples':52} "
+               f"{'before':>9} {'after':>9} {'change':>8}")
+    out.append(f"{'  per token, tau=' + str(s['kl_temperature']):52} {_fmt(s['kl_before']):>9} "
+               f"{_fmt(s['kl_after']):>9} {('-' if change is None else f'{100 * change:+.1f}%'):>8}")
+    out.append(f"{'  per-example sum (research convention)':52} {_fmt(s['kl_sum_before'], digits=2):>9} "
+               f"{_fmt(s['kl_sum_after'], digits=2):>9}")
     out.append("")
-    out.append(f"{'held-out scores (' + str(s['eval_turns']) + ' turns, x100)':48} {'BLEU-4':>10} {'ROUGE-L':>10}")
-    for who in ("teacher", "student"):
-        out.append(f"{who:48} {100 * s[who + '_bleu4']:>10.2f} {100 * s[who + '_rougeL']:>10.2f}")
+    names = [("bleu4", "BLEU-4"), ("rougeL", "ROUGE-L"), ("meteor", "METEOR"), ("distinct2", "D-2")]
+    out.append(f"{'held-out replies (' + str(s['eval_turns']) + ' turns, gold history, x100)':52} "
+               + " ".join(f"{label:>9}" for _, label in names))
+    for who, label in (("teacher", "teacher (fine-tuned)"), ("student_before", "student before distillation"),
+                       ("student_after", "student after distillation")):
+        row = s["scores"].get(who) or {}
+        out.append(f"{'  ' + label:52} " + " ".join(f"{_fmt(row.get(k), 100, 2):>9}" for k, _ in names))
     out.append("")
-    out.append(f"result.json: {s['result_json']} ({s['test_dialogues']} dialogues)")
+    n_prob = len(s["result_check_problems"])
+    out.append(f"result.json: {s['result_json']} ({s['test_dialogues']} dialogues; pre-flight check: "
+               f"{'passed' if not n_prob else str(n_prob) + ' problems'})")
     out.append("time (s): " + ", ".join(f"{k} {v}" for k, v in s["seconds"].items()))
     return "\n".join(out)

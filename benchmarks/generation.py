@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--val", default=str(SHARED / "val.json"), help="training text of the smoke student")
     ap.add_argument("--dialogues", type=int, default=None, help="only the first N test dialogues")
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-prompt-tokens", type=int, default=None, help="prompt budget (default 1024)")
     ap.add_argument("--batch-size", default="auto")
     ap.add_argument("--sft-steps", type=int, default=300)
     ap.add_argument("--save-student", metavar="DIR", help="also save the smoke student built here")
@@ -113,10 +114,12 @@ def main(argv=None) -> int:
         if args.save_student:
             model.save_pretrained(args.save_student)
             tok.save_pretrained(args.save_student)
-    options = GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=False, batch_size=args.batch_size)
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=False, batch_size=args.batch_size,
+                                max_prompt_tokens=args.max_prompt_tokens)
     n_turns = sum(len(d.supporter_indices()) for d in test)
-    print(f"{len(test)} dialogues, {n_turns} supporter turns, greedy, max_new_tokens {args.max_new_tokens}, "
-          f"{torch.get_num_threads()} torch threads")
+    dec = resolve_decoding(model, tok, options)
+    print(f"{len(test)} dialogues, {n_turns} supporter turns, greedy, max_new_tokens {dec.max_new_tokens}, "
+          f"prompt budget {dec.max_prompt_tokens} tokens, {torch.get_num_threads()} torch threads")
 
     t0, c0 = time.perf_counter(), time.process_time()
     batched = generate_dialogues(model, tok, test, options, progress=False)

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from pesc.data.dialogue import SEEKER, SUPPORTER, Dialogue, Turn
-from pesc.data.examples import fit_prompt, render_prompt
+from pesc.data.examples import render_prompt
 from pesc.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,9 @@ FALLBACK_REPLY = ("I'm here with you. Could you tell me a bit more about how you
 AUTO_BATCH_BUDGET_CPU = 2 * 1024 ** 3
 AUTO_BATCH_FRACTION_CUDA = 0.4
 AUTO_BATCH_MAX = 256
-# Memory for the per-dialogue prompt KV kept from one turn to the next (PrefixCache).
-PREFIX_STORE_BUDGET_CPU = 4 * 1024 ** 3
+# Memory for the per-dialogue prompt KV kept from one turn to the next (PrefixCache): this
+# fraction of the machine's RAM (at least 1 GiB), or of the GPU's memory.
+PREFIX_STORE_FRACTION_CPU = 0.25
 PREFIX_STORE_FRACTION_CUDA = 0.25
 # A generate round ends when this fraction of its rows has finished (they leave the batch).
 PRUNE_FRACTION = 0.125
@@ -608,7 +609,7 @@ def generate_token_batch(model, prompts: list[list[int]], dec: Decoding, *, samp
         cfg = GenerationConfig(max_new_tokens=dec.max_new_tokens - (seqs.shape[1] - width), do_sample=False,
                                num_beams=1, temperature=1.0, top_p=1.0, repetition_penalty=dec.repetition_penalty,
                                eos_token_id=list(dec.stop_ids), pad_token_id=dec.pad_id, use_cache=True,
-                               disable_compile=True)
+                               min_new_tokens=0, disable_compile=True)
         with torch.inference_mode():
             out = model.generate(input_ids=seqs, attention_mask=mask, cache=cache, generation_config=cfg,
                                  stopping_criteria=StoppingCriteriaList([prune]), **kwargs)
@@ -861,7 +862,11 @@ def _prefix_budget(model) -> int:
     param = next(model.parameters())
     if param.device.type == "cuda":
         return int(torch.cuda.get_device_properties(param.device).total_memory * PREFIX_STORE_FRACTION_CUDA)
-    return PREFIX_STORE_BUDGET_CPU
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 * 1024 ** 3
+    return max(1024 ** 3, int(ram * PREFIX_STORE_FRACTION_CPU))
 
 
 def generate_dialogues(model, tokenizer, dialogues: Sequence[Dialogue], options: GenerationOptions | None = None,

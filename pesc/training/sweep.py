@@ -134,8 +134,8 @@ def format_table(table: dict) -> str:
             lines.append(f"| {r['loss']} | failed: {r['error']} |" + " |" * 8)
             continue
         cells = [_f(None if r[k] is None else r[k] * scale[k], fmt[k]) for k, _ in METRICS]
-        cells += [_f(r[f"{k}_change"], "+.1f") for k, _ in METRICS]
-        cells += [_f(r[f"{k}_vs_fkl"], "+.1f") for k, _ in METRICS]
+        cells += [_f(r[f"{k}_change"], "+.1f") or "n/a" for k, _ in METRICS]
+        cells += [_f(r[f"{k}_vs_fkl"], "+.1f") or "n/a" for k, _ in METRICS]
         lines.append(f"| {r['loss']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -146,7 +146,8 @@ def write_outputs(table: dict, out_dir: Path, meta: dict) -> None:
           f"Data: {meta.get('data')}. KL: teacher-student KL per target token at tau={meta.get('kl_temperature')} "
           f"on {meta.get('eval_examples')} held-out examples; BLEU-4 / ROUGE-L (x100) of replies generated for "
           f"{meta.get('eval_turns')} held-out supporter turns (gold history). Change: relative to the untrained "
-          "student; vs FKL: change minus the FKL baseline's change (percentage points).", "",
+          "student; vs FKL: change minus the FKL baseline's change (percentage points); n/a where the "
+          "untrained student's value is 0 (a relative change from 0 is undefined) or FKL did not run.", "",
           format_table(table), ""]
     (out_dir / "sweep.md").write_text("\n".join(md), encoding="utf-8")
     cols = ["loss", "spec", "error"] + [k for k, _ in METRICS] + [f"{k}_change" for k, _ in METRICS] + \

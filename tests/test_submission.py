@@ -419,7 +419,7 @@ def fixture_smoke(tmp_path_factory):
     model.save_pretrained(run / "student")
     tok.save_pretrained(run / "student")
     (run / "config.yaml").write_text("preset: smoke\nteacher: smoke\nloss: sinkhorn\nalpha: 0.5\n"
-                                     "temperature: 2.0\nlr: 0.003\nmax_length: 600\noutput_dir: runs/x\n")
+                                     "temperature: 2.0\nlr: 0.003\nmax_length: 600\nmax_new_tokens: 5\noutput_dir: runs/x\n")
     (run / "summary.json").write_text(json.dumps({"teacher": str(run / "teacher"), "kl_temperature": 1.0,
                                                   "kl_before": 2.5, "kl_after": 1.25, "kl_relative_change": -0.5}))
     return run / "student"
@@ -465,7 +465,7 @@ def test_build_with_val_scores_into_the_description(fixture_smoke, code_repo, tm
                "--out", str(out), "--max-new-tokens", "3", "--no-progress", "--code-root", str(code_repo)])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
-    assert "prompts limited to 600 tokens" in printed.err
+    assert "prompts limited to 600 tokens" in printed.err and "replies limited" not in printed.err
     with zipfile.ZipFile(out) as z:
         md = z.read("DESCRIPTION.md").decode()
     assert "## Validation scores" in md
@@ -475,6 +475,17 @@ def test_build_with_val_scores_into_the_description(fixture_smoke, code_repo, tm
                   "| kl_after | 1.25 |", "| max_prompt_tokens | 600 |", "pesc run --config"):
         assert piece in md, piece
     assert "output_dir" not in md
+
+
+def test_build_takes_decoding_limits_from_the_run(fixture_smoke, code_repo, tmp_path, capsys):
+    out = tmp_path / "sub.zip"
+    assert main(["submission", "build", "--model", str(fixture_smoke), "--test", str(TEST), "--out", str(out),
+                 "--no-progress", "--code-root", str(code_repo)]) == 0
+    assert "replies limited to 5 new tokens" in capsys.readouterr().err
+    with zipfile.ZipFile(out) as z:
+        md = z.read("DESCRIPTION.md").decode()
+    assert "| max_new_tokens | 5 |" in md and "| max_prompt_tokens | 600 |" in md
+    assert "pesc submission build --model" in md and "--max-new-tokens" not in md.split("pesc submission build")[1]
 
 
 def test_build_stops_when_the_result_fails_the_check(fixture_smoke, tmp_path, monkeypatch, capsys):

@@ -49,7 +49,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="dialogues per generate call; 'auto' plans it from the model size and a fixed "
                         "memory budget; halved automatically on out-of-memory (default auto)")
     g.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
-                   help="longest reply in tokens (default: generation_config, else 128)")
+                   help="longest reply in tokens (default: the model's pesc run config, else its "
+                        "generation_config, else 128)")
     g.add_argument("--max-prompt-tokens", type=_positive_int, metavar="N",
                    help="prompt budget; the oldest turns are dropped in pairs to fit (default: the "
                         "max_length the model was trained with when its pesc run directory says so, "
@@ -138,18 +139,27 @@ def register(sub) -> None:
 # ------------------------------------------------------------------------------------------------
 
 def _options(args):
+    """Decoding options from the flags; unset limits come from the model's `pesc run` config."""
     from pesc.generation import GenerationOptions
 
-    if args.max_prompt_tokens is None:
-        trained = _run_metadata(args.model).get("config", {}).get("max_length")
+    run_cfg = _run_metadata(args.model).get("config", {})
+    max_prompt, max_new = args.max_prompt_tokens, args.max_new_tokens
+    if max_prompt is None:
+        trained = run_cfg.get("max_length")
         if isinstance(trained, int) and trained >= 8:
-            args.max_prompt_tokens = trained
+            max_prompt = trained
             print(f"note: prompts limited to {trained} tokens, the max_length the model was trained with "
                   f"(--max-prompt-tokens to change)", file=sys.stderr)
-    return GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+    if max_new is None:
+        run_new = run_cfg.get("max_new_tokens")
+        if isinstance(run_new, int) and run_new >= 1:
+            max_new = run_new
+            print(f"note: replies limited to {run_new} new tokens, as in the model's pesc run "
+                  f"(--max-new-tokens to change)", file=sys.stderr)
+    return GenerationOptions(max_new_tokens=max_new, do_sample=args.do_sample,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                              repetition_penalty=args.repetition_penalty, batch_size=args.batch_size,
-                             max_prompt_tokens=args.max_prompt_tokens, seed=args.seed,
+                             max_prompt_tokens=max_prompt, seed=args.seed,
                              max_reply_chars=args.max_reply_chars)
 
 

@@ -60,6 +60,8 @@ case "$cmd" in
     exec "$venv/bin/pesc" run --preset quickstart "$@" ;;
   test)
     setup; offline
+    # Two xdist workers on two cores: one BLAS/OpenMP thread each, or they fight for the cores.
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
     exec "$venv/bin/python" -m pytest -n 2 --dist loadgroup "$@" ;;
   pesc)
     setup

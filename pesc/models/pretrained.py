@@ -63,6 +63,27 @@ def even_layer_subset(n_teacher: int, n_student: int) -> list[int]:
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
 
 
+def pruned_layer_subset(n_teacher: int, n_student: int, band: tuple[float, float] = (0.6, 0.9)) -> list[int]:
+    """Teacher layers to keep when dropping `n_teacher - n_student` of them, least harmful first.
+
+    Small LMs tolerate losing a few layers of the upper-middle band (about 60-90 % of the depth)
+    far better than an even thinning: SmolLM2-135M still writes English with 26 of its 30 layers
+    when four alternating layers of that band go, and writes noise with 20 evenly spaced ones. So
+    layers are dropped alternately from that band first (odd offsets, then even), then from the
+    rest of the middle; the first and the last two layers are always kept.
+    """
+    if n_student < 1 or n_student > n_teacher:
+        raise ConfigError(f"student layers must be between 1 and {n_teacher}, got {n_student}")
+    lo, hi = int(band[0] * n_teacher), int(band[1] * n_teacher)
+    in_band = list(range(lo, hi))
+    order = in_band[1::2] + in_band[0::2]
+    rest = [i for i in range(n_teacher - 3, 0, -1) if i not in in_band]
+    drop = set((order + rest)[: n_teacher - n_student])
+    if n_teacher - n_student > len(order) + len(rest):  # very small students: fall back to even spacing
+        return even_layer_subset(n_teacher, n_student)
+    return [i for i in range(n_teacher) if i not in drop]
+
+
 def student_from_teacher(teacher, layers: list[int]):
     """A student of the teacher's architecture holding a subset of its decoder layers (copies)."""
     cfg = copy.deepcopy(teacher.config)

@@ -108,11 +108,12 @@ PRESETS: dict[str, dict] = {
     "smoke": dict(teacher="smoke", student="smoke", student_layers=2, max_length=384,
                   teacher_steps=60, distill_steps=60, batch_size=8, lr=3e-3, teacher_lr=3e-3,
                   max_new_tokens=24, gen_batch_size=160, holdout_dialogues=30, eval_dialogues=15),
-    # Real pretrained teacher (SmolLM2-135M-Instruct) and a 10-layer student cut from it.
-    "quickstart": dict(teacher="smollm2", student="from-teacher", student_layers=10, max_length=512,
-                       teacher_steps=30, teacher_lr=2e-5, distill_steps=120, lr=1e-4, batch_size=4,
-                       max_new_tokens=48, gen_batch_size=32, holdout_dialogues=30, eval_dialogues=6,
-                       max_test_dialogues=None),
+    # Real pretrained teacher (SmolLM2-135M-Instruct, 30 layers) and a 26-layer student cut from it
+    # (pruned_layer_subset). Sized for about 10 minutes on 2 CPU cores.
+    "quickstart": dict(teacher="smollm2", student="from-teacher", student_layers=26, max_length=256,
+                       teacher_steps=10, teacher_lr=1e-5, distill_steps=40, lr=5e-5, batch_size=4,
+                       max_new_tokens=40, gen_batch_size=32, holdout_dialogues=4, eval_dialogues=2,
+                       eval_examples=40, max_test_dialogues=None),
     # The research setting: Qwen2.5-7B teacher, Qwen2.5-1.5B student, both with LoRA r=16,
     # temperature 2.0, max length 2048, lr 5e-4, batch 4 x 16 accumulation, 10 epochs. Needs GPUs
     # (see docs/training.md for the torchrun / Accelerate / DeepSpeed launch).

@@ -73,7 +73,7 @@ def load_run_data(cfg: RunConfig) -> RunData:
 
 def prepare_models(cfg: RunConfig, data: RunData, run_dir: Path):
     """Paths of the initial teacher and student (built, converted or resolved)."""
-    from pesc.models.pretrained import even_layer_subset, materialise_smollm2, student_from_teacher
+    from pesc.models.pretrained import materialise_smollm2, pruned_layer_subset, student_from_teacher
     from pesc.models import load_model, load_tokenizer, save_model
 
     if cfg.teacher == "smoke":
@@ -88,7 +88,7 @@ def prepare_models(cfg: RunConfig, data: RunData, run_dir: Path):
         teacher_path = str(materialise_smollm2(Path.home() / ".cache" / "pesc" / "smollm2-135m-instruct-f32"))
     if cfg.student == "from-teacher":
         teacher = load_model(teacher_path, cfg.dtype, device="cpu")
-        layers = even_layer_subset(teacher.config.num_hidden_layers, cfg.student_layers)
+        layers = pruned_layer_subset(teacher.config.num_hidden_layers, cfg.student_layers)
         student = student_from_teacher(teacher, layers)
         student_path = run_dir / "student-init"
         save_model(student, load_tokenizer(teacher_path), student_path)

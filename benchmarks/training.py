@@ -3,8 +3,9 @@
 1. distillation steps per second with a live teacher vs from the teacher cache (`pesc cache-teacher`),
    at the smoke and quickstart sizes (quickstart: SmolLM2-135M teacher, 10-layer student cut from
    it), for a fully fine-tuned student and for a LoRA student (the research setting). Same student,
-   data, batch, loss (fkl, which runs from either) and optimizer; the first steps are warm-up and
-   not timed. The cache build is a one-off cost, reported separately.
+   data, batch order, loss (fkl, which runs from either) and optimizer; the two paths take their
+   steps in turn (so other jobs on a shared machine slow both alike) and the median step time is
+   reported; the first steps are warm-up. The cache build is a one-off cost, reported separately.
 
    What bounds the ratio: a step from the cache saves the teacher's forward pass, so
    cache/live = (S + T) / S with S the student's step (forward + backward + update) and T the
@@ -30,57 +31,64 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-class StepClock(TrainerCallback):
-    """Wall time between consecutive optimizer steps (data, teacher, forward, backward, update)."""
-
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def on_step_end(self, args, state, control, **kw):
-        self.stamps.append(time.perf_counter())
-
-    def on_step_begin(self, args, state, control, **kw):
-        if not self.stamps:
-            self.stamps.append(time.perf_counter())
-
-    def steps_per_second(self, warmup: int) -> float:
-        """1 / median step time after the warm-up steps (robust to other jobs on a shared machine)."""
-        import statistics
-
-        s = self.stamps[warmup:]
-        return 1.0 / statistics.median(b - a for a, b in zip(s, s[1:]))
-
-
-def time_distill(ctx, *, teacher=None, cache=None, steps: int, warmup: int, out: Path, lora: bool = False) -> float:
+def make_trainer(ctx, *, teacher=None, cache=None, lora: bool = False, out: Path):
+    """A DistillTrainer with its optimizer, scheduler and training dataloader ready."""
     from pesc.losses import build_loss
     from pesc.training.lora import apply_lora
     from pesc.training.stages import load_trainable
     from pesc.training.trainer import Collator, DistillTrainer, ExampleDataset, training_args
 
     cfg = ctx.cfg
-    clock = StepClock()
-    args = training_args(str(out), steps=warmup + steps + 1, lr=cfg.lr, batch_size=cfg.batch_size,
-                         seed=cfg.seed, logging_steps=10_000, disable_tqdm=True)
+    args = training_args(str(out), steps=1000, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                         logging_steps=10_000, disable_tqdm=True)
     student = load_trainable(ctx.student_init, cfg.dtype)
     if lora:
         student = apply_lora(student, r=16, alpha=32, dropout=0.05)
-    trainer = DistillTrainer(model=student.train(), args=args,
-                             train_dataset=ExampleDataset(ctx.train_ex), data_collator=Collator(ctx.tokenizer.pad_token_id),
-                             teacher=teacher, teacher_cache=cache, vocab_size=ctx.vocab, alpha=cfg.alpha,
-                             distill_loss=build_loss("fkl", temperature=cfg.temperature, vocab_size=ctx.vocab),
-                             callbacks=[clock])
-    trainer.train()
-    return clock.steps_per_second(warmup)
+    trainer = DistillTrainer(model=student.train(), args=args, train_dataset=ExampleDataset(ctx.train_ex),
+                             data_collator=Collator(ctx.tokenizer.pad_token_id), teacher=teacher,
+                             teacher_cache=cache, vocab_size=ctx.vocab, alpha=cfg.alpha,
+                             distill_loss=build_loss("fkl", temperature=cfg.temperature, vocab_size=ctx.vocab))
+    trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+    loader = trainer.get_train_dataloader()
+    return trainer, iter(loader)
+
+
+def timed_step(trainer, batches) -> float:
+    """One optimizer step as the Trainer takes it (teacher signal, forward, backward, clip, update);
+    the collated batch is fetched before the clock starts, the same for both paths."""
+    batch = trainer._prepare_inputs(next(batches))
+    n = (batch["labels"][:, 1:] != -100).sum()
+    t0 = time.perf_counter()
+    trainer.training_step(trainer.model, batch, n)
+    trainer._clip_grad_norm(trainer.model)
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    trainer.model.zero_grad()
+    return time.perf_counter() - t0
+
+
+def interleaved(pairs: dict, steps: int, warmup: int) -> dict[str, float]:
+    """Steps of the variants taken in turn (order alternating), so load from other jobs on a shared
+    machine falls on all of them alike; returns 1 / median step time of each."""
+    import statistics
+
+    names = list(pairs)
+    times = {n: [] for n in names}
+    for i in range(warmup + steps):
+        for n in (names if i % 2 == 0 else names[::-1]):
+            dt = timed_step(*pairs[n])
+            if i >= warmup:
+                times[n].append(dt)
+    return {n: 1.0 / statistics.median(t) for n, t in times.items()}
 
 
 def live_vs_cache(preset: str, data_dir: str | None, steps: int, warmup: int, work: Path,
-                  extra: dict | None = None, rounds: int = 2) -> dict:
+                  extra: dict | None = None) -> dict:
     from pesc.models import load_model
     from pesc.training import stages
     from pesc.training.config import load_config
@@ -104,13 +112,11 @@ def live_vs_cache(preset: str, data_dir: str | None, steps: int, warmup: int, wo
     cache = TeacherCache(cache_dir)
     variants = {}
     for name, lora in (("full fine-tuning", False), ("LoRA r=16 student", True)):
-        live, cached = 0.0, 0.0
-        for _ in range(rounds):  # alternate, keep the best median of each: the machine may be shared
-            live = max(live, time_distill(ctx, teacher=teacher, steps=steps, warmup=warmup, lora=lora,
-                                          out=work / f"{preset}-live"))
-            cached = max(cached, time_distill(ctx, cache=cache, steps=steps, warmup=warmup, lora=lora,
-                                              out=work / f"{preset}-cache"))
-        variants[name] = (live, cached)
+        pairs = {"live": make_trainer(ctx, teacher=teacher, lora=lora, out=work / f"{preset}-live"),
+                 "cache": make_trainer(ctx, cache=cache, lora=lora, out=work / f"{preset}-cache")}
+        speed = interleaved(pairs, steps, warmup)
+        variants[name] = (speed["live"], speed["cache"])
+        del pairs
     t_cfg = load_model(ctx.teacher_init).config
     s_cfg = load_model(ctx.student_init).config
     return {"preset": preset, "teacher_layers": t_cfg.num_hidden_layers, "student_layers": s_cfg.num_hidden_layers,
@@ -159,7 +165,6 @@ def main() -> None:
     p.add_argument("--sizes", default="smoke,quickstart")
     p.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2, help="alternating live/cache measurements (best kept)")
     p.add_argument("--skip-dp", action="store_true", help="skip the two-process measurement")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every size")
     args = p.parse_args()
@@ -171,7 +176,7 @@ def main() -> None:
         work = Path(tmp)
         for preset in [s for s in args.sizes.split(",") if s]:
             extra = dict(kv.split("=", 1) for kv in args.set)
-            r = live_vs_cache(preset, args.data, args.steps, args.warmup, work, extra, args.rounds)
+            r = live_vs_cache(preset, args.data, args.steps, args.warmup, work, extra)
             print(f"[{preset}] teacher {r['teacher_layers']}L / student {r['student_layers']}L, hidden {r['hidden']}, "
                   f"vocab {r['vocab']}, batch {r['batch']}, max_length {r['max_length']}; cache built once in "
                   f"{r['cache_build_s']:.1f} s for {r['train_examples']} examples")

@@ -10,10 +10,13 @@ logits require grad and are a leaf, so their .grad (one logits-sized tensor) cou
 
 Inputs, identical for every loss (seeded): student and teacher logits share a Zipf-like prior over
 token ids (frequent tokens first, as in BPE vocabularies) plus per-position context noise, the
-teacher less noisy than the student; input embeddings of a 576-wide student and a 960-wide teacher
-(the SmolLM2-135M / 360M shapes, one 49152-token tokenizer); hidden states of 30 / 32 layers for
-layer_emd. OT losses: k = 100, euclidean cost, epsilon 0.1, 50 iterations; `sinkhorn_bf16` is the
-same loss with precision=bfloat16 (the point products in bfloat16).
+teacher less noisy than the student. Shapes of the `quickstart` preset, whose 49152-token
+vocabulary this is: a SmolLM2-135M teacher (576 wide, 30 layers) and a 10-layer student cut from
+it, so both embedding matrices are 576 wide (the student's drifted from the teacher's); hidden
+states of 10 / 30 layers for layer_emd. OT losses: k = 100, euclidean cost, epsilon 0.1, 50
+iterations. Extra lines: `sinkhorn_bf16`, the same with precision=bfloat16; `sinkhorn_proj`, a
+960-wide teacher (SmolLM2-360M) so that a trainable projection 960 -> 576 enters the costs and
+gets gradients each step.
 
 The POT comparison solves the very problems the sinkhorn loss builds (same supports, masses and
 normalised costs, exported by `SinkhornLoss.export_problems`), 50 iterations without early stop:
@@ -47,11 +50,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 LOSSES = ["fkl", "rkl", "jsd", "skl", "srkl", "tvd", "l1", "l2", "w1_cdf", "sorted_w1", "sinkhorn", "sinkhorn_bf16",
-          "hybrid", "layer_emd"]
+          "sinkhorn_proj", "hybrid", "layer_emd"]
 OT = {"topk": 100, "cost": "euclidean", "epsilon": 0.1, "iters": 50}
-PARAMS = {"sinkhorn": OT, "hybrid": OT, "sinkhorn_bf16": {**OT, "precision": "bfloat16"}}
-VARIANT_OF = {"sinkhorn_bf16": "sinkhorn"}   # benchmark line -> registered loss
-DS, DT, LS, LT = 576, 960, 30, 32
+PARAMS = {"sinkhorn": OT, "hybrid": OT, "sinkhorn_bf16": {**OT, "precision": "bfloat16"}, "sinkhorn_proj": OT}
+VARIANT_OF = {"sinkhorn_bf16": "sinkhorn", "sinkhorn_proj": "sinkhorn"}   # benchmark line -> registered loss
+DS, LS, LT = 576, 10, 30          # quickstart: SmolLM2-135M teacher, 10-layer student cut from it
+DT_PROJ = 960                     # SmolLM2-360M width, for the projection line
 
 
 def _status(key: str) -> int:
@@ -79,7 +83,7 @@ def peak_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def make_inputs(N: int, V: int, seed: int = 0, hidden: bool = False):
+def make_inputs(N: int, V: int, seed: int = 0, hidden: bool = False, teacher_width: int = DS):
     """Logits (1, N, V) float32 for student (leaf, requires grad) and teacher, embeddings, hidden states.
     Built in row blocks so that no temporary larger than a block ever exists (clean memory baseline)."""
     g = torch.Generator().manual_seed(seed)
@@ -93,12 +97,15 @@ def make_inputs(N: int, V: int, seed: int = 0, hidden: bool = False):
         s[0, i:i + n] = base + 1.0 * torch.randn(n, V, generator=g)
         del base
     s.requires_grad_()
-    Es = torch.randn(V, DS, generator=g) * 0.05
-    Et = torch.randn(V, DT, generator=g) * 0.05
+    Et = torch.randn(V, teacher_width, generator=g) * 0.05
+    if teacher_width == DS:     # the student's embeddings started as the teacher's and drifted
+        Es = Et + torch.randn(V, DS, generator=g) * 0.01
+    else:
+        Es = torch.randn(V, DS, generator=g) * 0.05
     hs = ht = None
     if hidden:
         hs = tuple(torch.randn(1, N + 1, DS, generator=g).requires_grad_() for _ in range(LS + 1))
-        ht = tuple(torch.randn(1, N + 1, DT, generator=g) * (1 + j / 8) for j in range(LT + 1))
+        ht = tuple(torch.randn(1, N + 1, teacher_width, generator=g) * (1 + j / 8) for j in range(LT + 1))
     return s, t, Es, Et, hs, ht
 
 
@@ -106,15 +113,16 @@ def build(name, V, Es, Et):
     from pesc.losses import build_loss
 
     loss = build_loss(VARIANT_OF.get(name, name), temperature=1.0, vocab_size=V, **PARAMS.get(name, {}))
-    loss.prepare(student_embeddings=Es, teacher_embeddings=Et, student_hidden_size=DS, teacher_hidden_size=DT,
-                 student_layers=LS, teacher_layers=LT)
+    loss.prepare(student_embeddings=Es, teacher_embeddings=Et, student_hidden_size=DS,
+                 teacher_hidden_size=Et.shape[-1], student_layers=LS, teacher_layers=LT)
     return loss
 
 
 def child_loss(name: str, N: int, V: int, repeats: int) -> dict:
     from pesc.losses import TeacherSignal
 
-    s, t, Es, Et, hs, ht = make_inputs(N, V, hidden=name == "layer_emd")
+    s, t, Es, Et, hs, ht = make_inputs(N, V, hidden=name == "layer_emd",
+                                       teacher_width=DT_PROJ if name == "sinkhorn_proj" else DS)
     loss = build(name, V, Es, Et)
     teacher = TeacherSignal(logits=t, hidden_states=ht)
     mask = torch.ones(1, N, dtype=torch.bool)
@@ -245,9 +253,13 @@ def main(argv=None) -> int:
     ap.add_argument("--pot-subset", type=int, default=128,
                     help="positions POT solves one at a time (time scaled to all positions)")
     ap.add_argument("--no-pot", action="store_true", help="skip the POT comparison")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's choice, all cores)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     N, V = args.positions, args.vocab
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child == "pot":
         print(json.dumps(child_pot(N, V, args.pot_subset, args.repeats)))
         return 0
@@ -262,17 +274,19 @@ def main(argv=None) -> int:
     if "fkl" not in names:
         names = ["fkl"] + names
     common = ["--positions", str(N), "--vocab", str(V), "--repeats", str(args.repeats)]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
     logits_mb = N * V * 4 / 2**20
     print(f"# {N} positions x vocabulary {V}, float32 (one logits tensor = {logits_mb:.0f} MiB), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f}; best of {args.repeats}")
-    print(f"{'loss':<10} {'fwd+bwd s':>10} {'x fkl':>7} {'extra MiB':>10} {'x logits':>9}  parts")
+    print(f"{'loss':<14} {'fwd+bwd s':>10} {'x fkl':>7} {'extra MiB':>10} {'x logits':>9}  parts")
     rows = {}
     for name in names:
         r = run_child(["--child", name, *common])
         rows[name] = r
         ratio = r["time"] / rows["fkl"]["time"]
-        print(f"{name:<10} {r['time']:>10.2f} {ratio:>7.2f} {r['extra'] / 2**20:>10.0f} "
+        print(f"{name:<14} {r['time']:>10.2f} {ratio:>7.2f} {r['extra'] / 2**20:>10.0f} "
               f"{r['extra'] / r['logits_bytes']:>9.2f}  {r['parts']}", flush=True)
     checks = []
     f = rows["fkl"]

@@ -375,3 +375,17 @@ def test_bfloat16_products_stay_close_to_float32():
     for x, y in zip(out["bfloat16"], out["float32"]):
         assert _rel(x, y) < 2e-2
     assert abs(out["bfloat16"][0].item() - out["float32"][0].item()) < 5e-3 * out["float32"][0].item()
+
+
+def test_sinkhorn_student_ruling_out_the_whole_teacher_support_stays_finite():
+    s, t, Es, Et, mask = _setup(seed=13)
+    s = s.detach().clone()
+    top_t = t.topk(4, -1).indices
+    s.scatter_(-1, top_t, float("-inf"))           # the student gives no mass to the teacher's top 4
+    s.requires_grad_()
+    for masses in ["renormalize", "rest"]:
+        loss = build_loss("sinkhorn", topk=4, support="teacher", masses=masses).double()
+        loss.prepare(student_embeddings=Es, teacher_embeddings=Et)
+        out = loss(s, TeacherSignal(logits=t), mask, student_embeddings=Es, teacher_embeddings=Et)
+        g, = torch.autograd.grad(out.value, s)
+        assert torch.isfinite(out.value) and out.value.item() > 0 and torch.isfinite(g).all()

@@ -135,12 +135,14 @@ def write_rows(grad: torch.Tensor, bi, ti, start: int, end: int, vocab: int, val
         grad[b, t, :vocab] = values.to(grad.dtype)
 
 
-def logsumexp_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """log sum exp over the last axis (R, 1), using `scratch` (same shape) as workspace."""
+def logsumexp_(x: torch.Tensor, scratch: torch.Tensor, return_shift: bool = False):
+    """log sum exp over the last axis (R, 1), using `scratch` (same shape) as workspace, which is
+    left holding exp(x - shift) (shift = the row maximum, 0 for rows without a finite one)."""
     m = x.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     torch.sub(x, m, out=scratch)
-    return scratch.exp_().sum(-1, keepdim=True).log_().add_(m)
+    lse = scratch.exp_().sum(-1, keepdim=True).log_().add_(m)
+    return (lse, m) if return_shift else lse
 
 
 class DenseForwardKL:
@@ -166,14 +168,15 @@ class DenseForwardKL:
         if self.reader is None or self.reader.buf.shape[0] < r:
             self.reader = RowReader(self.logits, bi, ti, self.vocab, zs.dtype, r, self.tau)
             self.scratch = torch.empty_like(self.reader.buf)
+            self.scratch2 = torch.empty_like(self.reader.buf)
         zt = self.reader.view(start, end)
         zt = self.reader.read(start, end) if zt is None else zt
-        p = self.scratch[:r]
+        p, d = self.scratch[:r], self.scratch2[:r]
         lse_t = logsumexp_(zt, p)
         lse_s = logsumexp_(zs, p)
         torch.sub(zt, lse_t, out=p).exp_()
-        dot = lambda u, v: torch.bmm(u.unsqueeze(1), v.unsqueeze(2)).view(-1)  # noqa: E731
-        value = dot(p, zt) - dot(p, zs) + (lse_s - lse_t).view(-1)
+        torch.sub(zt, zs, out=d).mul_(p)        # one product, summed pairwise: no cancellation
+        value = d.sum(-1) + (lse_s - lse_t).view(-1)
         if not bool(torch.isfinite(value).all()):
             return None
         if not need_grad:
@@ -182,7 +185,7 @@ class DenseForwardKL:
         return value, gz
 
     def release(self):
-        self.reader = self.scratch = None
+        self.reader = self.scratch = self.scratch2 = None
 
 
 def _run(student, rows, bi, ti, vocab, tau, coef, chunk, need_grad):

@@ -47,11 +47,11 @@ class _GatherLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, bi, ti, ids, lse, vocab, tau, chunk):
+    def forward(ctx, student, bi, ti, ids, lse, vocab, tau, chunk, softmax=None):
         dtype = lse.dtype
         s = student[bi[:, None], ti[:, None], ids].to(dtype)
         ctx.save_for_backward(student, bi, ti, ids, lse)
-        ctx.vocab, ctx.tau, ctx.chunk = vocab, tau, chunk
+        ctx.vocab, ctx.tau, ctx.chunk, ctx.softmax = vocab, tau, chunk, softmax
         return s / tau - lse[:, None]
 
     @staticmethod
@@ -60,6 +60,21 @@ class _GatherLogProbs(torch.autograd.Function):
         student, bi, ti, ids, lse = ctx.saved_tensors
         vocab, tau, chunk = ctx.vocab, ctx.tau, ctx.chunk
         M = bi.numel()
+        Q, ctx.softmax = ctx.softmax, None
+        if Q is not None:    # the softmax rows were kept by the forward pass in a logits-sized
+            gs = g * (1.0 / tau)                           # buffer: turn it into the gradient
+            rows = Q.view(-1, Q.shape[-1])
+            idx = bi * Q.shape[1] + ti
+            for s in range(0, M, chunk):
+                e = min(s + chunk, M)
+                first, last = int(idx[s]), int(idx[e - 1])
+                r = rows[first:last + 1, :vocab] if last - first == e - s - 1 else None
+                if r is None:                                # not consecutive: gather, write back
+                    r = Q[bi[s:e], ti[s:e], :vocab]
+                r.mul_(-gs[s:e].sum(-1, keepdim=True)).scatter_add_(-1, ids[s:e], gs[s:e])
+                if r.data_ptr() != rows[first:first + 1].data_ptr():
+                    write_rows(Q, bi, ti, s, e, vocab, r)
+            return Q, None, None, None, None, None, None, None, None
         grad = grad_buffer(student, M, vocab)
         reader = RowReader(student, bi, ti, vocab, lse.dtype, min(chunk, M), tau)
         flat = grad.view(-1, grad.shape[-1]) if (grad.dtype == lse.dtype and vocab == grad.shape[-1]) else None
@@ -78,7 +93,7 @@ class _GatherLogProbs(torch.autograd.Function):
             row.scatter_add_(-1, ids[s:e], gc)
             if not direct:
                 write_rows(grad, bi, ti, s, e, vocab, row)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def _lookup(ids: torch.Tensor, table_ids: torch.Tensor, table_vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,24 +286,47 @@ class SinkhornLoss(DistillLoss):
         if k > vocab:
             raise ConfigError(f"loss {self.name!r}: topk={k} exceeds the vocabulary ({vocab})")
 
-        # 1. per-row normalisers and top-k ids (no gradient), chunked over rows
+        # 1. per-row normalisers and top-k ids (no gradient), chunked over rows. With renormalised
+        # masses a_i = q_i / sum_S q = exp(s_i / tau) / sum_S exp(s_j / tau): the full-vocabulary
+        # normaliser cancels (in the value and in the gradient, which only reaches the support's
+        # logits), so only the top-k ids are needed.
+        renorm = self.masses == "renormalize"
         chunk = chunk_rows(vocab, M, 3, 64.0, 4)
-        lse_s = torch.empty(M, dtype=dtype, device=student_logits.device)
+        lse_s = torch.zeros(M, dtype=dtype, device=student_logits.device)
         ids_s = torch.empty(M, k, dtype=torch.long, device=student_logits.device)
-        lse_t = torch.empty_like(lse_s) if teacher.is_dense else None
+        lse_t = torch.zeros_like(lse_s) if teacher.is_dense else None
         ids_t = torch.empty_like(ids_s)
         with torch.no_grad():
             readers = [(RowReader(student_logits, bi, ti, vocab, dtype, min(chunk, M), tau), lse_s, ids_s)]
             if teacher.is_dense:
                 readers.append((RowReader(tlog, bi, ti, vocab, dtype, min(chunk, M), tau), lse_t, ids_t))
             scratch = torch.empty_like(readers[0][0].buf)
+            # Keep the student's softmax rows for backward in the buffer that becomes the gradient
+            # (no recomputation there); only when that buffer already has the compute dtype.
+            Q = None
+            if (not renorm and student_logits.requires_grad and torch.is_grad_enabled()
+                    and student_logits.dtype == dtype):
+                Q = grad_buffer(student_logits, M, vocab)
+                q_rows = Q.view(-1, Q.shape[-1])[:, :vocab]
+                q_idx = bi * Q.shape[1] + ti
             for s in range(0, M, chunk):
                 e = min(s + chunk, M)
-                for reader, lse, top in readers:
+                for j, (reader, lse, top) in enumerate(readers):
                     row = reader.view(s, e)
                     row = reader.read(s, e) if row is None else row
-                    lse[s:e] = logsumexp_(row, scratch[: e - s]).squeeze(-1)
                     top[s:e] = row.topk(k, -1, sorted=False).indices
+                    if renorm:
+                        continue
+                    keep = Q is not None and j == 0
+                    first, last = (int(q_idx[s]), int(q_idx[e - 1])) if keep else (0, 0)
+                    contiguous = keep and last - first == e - s - 1
+                    work = q_rows[first:last + 1] if contiguous else scratch[: e - s]
+                    lse_rows, shift = logsumexp_(row, work, return_shift=True)
+                    lse[s:e] = lse_rows.squeeze(-1)
+                    if keep:   # work = exp(row - shift): rescale to the softmax
+                        work.mul_(torch.exp(shift - lse_rows))
+                        if not contiguous:
+                            write_rows(Q, bi, ti, s, e, vocab, work)
             del readers, scratch
             if not teacher.is_dense:
                 lp_rows, cid = cache_lp[bi, ti].to(dtype), cache_ids[bi, ti]
@@ -326,8 +364,15 @@ class SinkhornLoss(DistillLoss):
                                  "(a top-k cache whose ids miss every support token); use support=union or teacher")
 
         # 3. student masses on the support (differentiable)
-        lq = _GatherLogProbs.apply(student_logits, bi, ti, ids, lse_s, vocab, tau, chunk_rows(vocab, M, 2, 64.0, 4))
+        if renorm:     # logits at the support (up to the normaliser): autograd scatters the gradient
+            lq = student_logits[bi[:, None], ti[:, None], ids].to(dtype) / tau
+        else:
+            lq = _GatherLogProbs.apply(student_logits, bi, ti, ids, lse_s, vocab, tau,
+                                       chunk_rows(vocab, M, 2, 64.0, 4), Q)
         lq = torch.where(valid, lq, torch.full_like(lq, float("-inf")))
+        dead = ~torch.isfinite(lq.detach().amax(1))   # the student rules out the whole support (-inf)
+        if bool(dead.any()):
+            lq = torch.where(dead[:, None] & valid, torch.zeros_like(lq), lq)   # then: uniform on it
         if self.masses == "renormalize":
             a, b = torch.softmax(lq, 1), torch.softmax(lp, 1)
             a_rest = b_rest = None

@@ -389,3 +389,17 @@ def test_sinkhorn_student_ruling_out_the_whole_teacher_support_stays_finite():
         out = loss(s, TeacherSignal(logits=t), mask, student_embeddings=Es, teacher_embeddings=Et)
         g, = torch.autograd.grad(out.value, s)
         assert torch.isfinite(out.value) and out.value.item() > 0 and torch.isfinite(g).all()
+
+
+def test_sinkhorn_rest_masses_from_bfloat16_logits_with_minus_inf():
+    s, t, Es, Et, mask = _setup(seed=14)
+    x = s.detach().clone()
+    x[0, 0, :5] = float("-inf")
+    x = x.to(torch.bfloat16).requires_grad_()
+    loss = build_loss("sinkhorn", topk=4, masses="rest", temperature=2.0)
+    loss.prepare(student_embeddings=Es.float(), teacher_embeddings=Et.float())
+    out = loss(x, TeacherSignal(logits=t.float()), mask, student_embeddings=Es.float(), teacher_embeddings=Et.float())
+    out.value.backward()
+    assert torch.isfinite(out.value) and x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
+    # the rest point holds the mass outside the support, so the full softmax shapes the gradient
+    assert int((x.grad[mask] != 0).sum()) > 4 * int(mask.sum())

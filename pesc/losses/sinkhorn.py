@@ -4,8 +4,10 @@ Per target position:
 1. support: the union of the student's and the teacher's top-k token ids (default), or only the
    student's (`support="student"`, the research code) or only the teacher's top k;
 2. masses: a_i = q(id_i), b_i = p(id_i) at temperature tau, renormalised to sum 1
-   (`masses="renormalize"`), or kept as they are with the leftover mass 1 - sum as one extra "rest"
-   point on each side (`masses="rest"`);
+   (`masses="renormalize"`; then a = softmax of the support's logits: the full-vocabulary
+   normaliser cancels and the gradient reaches only the support's logits), or kept as they are with
+   the leftover mass 1 - sum as one extra "rest" point on each side (`masses="rest"`; the gradient
+   then reaches every logit through the softmax);
 3. points: x_i = E_S[id_i] (student input embeddings), y_i = P E_T[id_i] (teacher input embeddings,
    through a trainable projection P when the widths differ);
 4. cost: `cosine` 1 - cos(x_i, y_j) or `euclidean` ||x_i - y_j||^2 / d, divided by the position's

@@ -100,6 +100,16 @@ class CdfWasserstein(DistillLoss):
         return LossOutput(value, {self.name: float(value.detach())})
 
 
+def _sort_desc(p: torch.Tensor) -> torch.Tensor:
+    """Rows sorted in decreasing order (values only). On CPU NumPy's vectorised sort is ~3x faster
+    than torch.sort, which also computes indices."""
+    if p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
+        import numpy as np
+
+        return torch.from_numpy(np.ascontiguousarray(np.sort(p.numpy(), axis=-1)[:, ::-1]))
+    return p.sort(dim=-1, descending=True).values
+
+
 @register_loss("sorted_w1")
 class SortedWasserstein(DistillLoss):
     """Sorted-probability W1 (Universal Logit Distillation): works across different tokenizers.
@@ -143,7 +153,7 @@ class SortedWasserstein(DistillLoss):
                 lp.div_(tau)
                 p = torch.softmax(lp, dim=-1)
                 if k is None:
-                    return p.sort(dim=-1, descending=True).values, None
+                    return _sort_desc(p), None
                 top = p.topk(min(k, vt), dim=-1).values
                 return top, (1.0 - top.sum(-1, keepdim=True)).clamp_(min=0.0)
         else:

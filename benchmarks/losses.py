@@ -270,7 +270,11 @@ def main(argv=None) -> int:
                     help="positions POT solves one at a time (time scaled to all positions)")
     ap.add_argument("--no-pot", action="store_true", help="skip the POT comparison")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads (default: torch's choice, all cores)")
+                    help="torch intra-op threads for the per-loss lines (default: torch's choice, all cores); "
+                         "1 is far less disturbed on a shared machine")
+    ap.add_argument("--pot-threads", type=int, default=None,
+                    help="threads for the POT comparison (default: all cores; our solver runs whole blocks of "
+                         "problems on each core, POT's per-position loop cannot use them)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     N, V = args.positions, args.vocab
@@ -289,9 +293,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown losses: {', '.join(sorted(unknown))}")
     if "fkl" not in names:
         names = ["fkl"] + names
-    common = ["--positions", str(N), "--vocab", str(V), "--repeats", str(args.repeats)]
-    if args.threads:
-        common += ["--threads", str(args.threads)]
+    base = ["--positions", str(N), "--vocab", str(V), "--repeats", str(args.repeats)]
+    common = base + (["--threads", str(args.threads)] if args.threads else [])
     logits_mb = N * V * 4 / 2**20
     print(f"# {N} positions x vocabulary {V}, float32 (one logits tensor = {logits_mb:.0f} MiB), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
@@ -314,10 +317,11 @@ def main(argv=None) -> int:
             checks.append((f"{name} time <= {limit:g} x fkl (wall)", rows[name]["time"] / f["time"], limit, "<="))
             checks.append((f"{name} time <= {limit:g} x fkl (cpu)", rows[name]["cpu"] / f["cpu"], limit, "<="))
     if not args.no_pot:
-        p = run_child(["--child", "pot", *common, "--pot-subset", str(args.pot_subset)])
+        pot_threads = args.pot_threads or os.cpu_count() or 1
+        p = run_child(["--child", "pot", *base, "--pot-subset", str(args.pot_subset), "--threads", str(pot_threads)])
         print(f"\n# sinkhorn vs POT on the same {N} problems (support mean {p['support_mean']:.0f}, "
               f"max {p['support_max']}; k={OT['topk']}, euclidean, epsilon {OT['epsilon']}, {OT['iters']} "
-              f"iterations); POT per position timed on {p['subset']} positions and scaled")
+              f"iterations), {pot_threads} threads; POT per position timed on {p['subset']} positions and scaled")
         print(f"ours, full loss (top-k, costs, OT, backward to logits)   {p['loss_time']:8.2f} s")
         print(f"ours, OT solve, fwd + bwd to masses                      {p['ours_time']:8.2f} s")
         print(f"POT ot.sinkhorn2 per position, torch, fwd + bwd          {p['pot_loop_torch_time']:8.2f} s  "

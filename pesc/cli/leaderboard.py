@@ -5,17 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 
+from pesc.cli.argtypes import positive_int
 from pesc.errors import ConfigError
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+_positive_int = positive_int
 
 
 def _positive_float(text: str) -> float:

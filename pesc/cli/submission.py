@@ -10,19 +10,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from pesc.cli.argtypes import positive_int
 from pesc.errors import ConfigError, DataError
 
 DEFAULT_MAX_REPLY_CHARS = 1500  # same as submission.check.DEFAULT_MAX_REPLY_CHARS
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+_positive_int = positive_int
 
 
 def _batch_size(text: str):

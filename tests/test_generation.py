@@ -41,7 +41,7 @@ def tiny(tmp_path_factory):
     """A tokenizer trained on the fixture dialogues and an untrained 2-layer Llama, also saved to disk."""
     from pesc.models.smoke import tiny_model, train_tokenizer
 
-    tok = train_tokenizer(load_task(FIX / "val.json").dialogues, 512)
+    tok = train_tokenizer(load_task(FIX / "small_val.json").dialogues, 512)
     model = tiny_model(len(tok), 2, 32, seed=0).eval()
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -53,7 +53,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def test_dialogues():
-    return load_task(FIX / "test.json").dialogues
+    return load_task(FIX / "small_test.json").dialogues
 
 
 def supporter_texts(dialogues):
@@ -204,7 +204,7 @@ def test_turn_sees_own_earlier_replies_or_gold(tiny, test_dialogues, monkeypatch
     own = supporter_texts(out)
     for k, (n_turns, hist) in enumerate(seen):
         assert n_turns == 2 * k + 1 and hist == own[:k]
-    gold = load_task(FIX / "val.json").dialogues[0]
+    gold = load_task(FIX / "small_val.json").dialogues[0]
     seen.clear()
     generate_dialogues(model, tok, [gold], GenerationOptions(max_new_tokens=5), use_gold_history=True,
                        progress=False)
@@ -215,7 +215,7 @@ def test_prompt_search_from_the_previous_start_equals_fit_prompt(tiny):
     from pesc.data.examples import fit_prompt, render_prompt
 
     _, tok, _ = tiny
-    d = load_task(FIX / "val.json").dialogues[2]
+    d = load_task(FIX / "small_val.json").dialogues[2]
     for budget in (240, 400, 800):
         start, cut = 0, 0
         for i in range(1, 20, 2):
@@ -362,7 +362,7 @@ def test_killed_cli_run_restarted_gives_identical_file(tiny, tmp_path):
     from pesc.cli import main
 
     _, _, model_dir = tiny
-    args = ["generate", "--model", str(model_dir), "--input", str(FIX / "test.json"), "--max-new-tokens", "5",
+    args = ["generate", "--model", str(model_dir), "--input", str(FIX / "small_test.json"), "--max-new-tokens", "5",
             "--batch-size", "2", "--checkpoint-every", "1", "--no-progress"]
     out = tmp_path / "killed.json"
     ckpt = tmp_path / "killed.json.progress.json"

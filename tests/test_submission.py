@@ -18,7 +18,7 @@ from submission.package import PackageError, build_package, code_files, verify_p
 from submission.taskfile import fill_result, load_task
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "submission"
-TEST = FIX / "test.json"
+TEST = FIX / "small_test.json"
 
 
 def raw_test() -> dict:
@@ -411,7 +411,7 @@ def fixture_smoke(tmp_path_factory):
     directory would hold it (run/student with run/config.yaml and run/summary.json)."""
     from pesc.models.smoke import tiny_model, train_tokenizer
 
-    tok = train_tokenizer(load_task(FIX / "val.json").dialogues, 512)
+    tok = train_tokenizer(load_task(FIX / "small_val.json").dialogues, 512)
     model = tiny_model(len(tok), 1, 32, seed=0)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -461,7 +461,7 @@ def test_build_on_the_real_test_file(real_smoke, shared_pesc_module, tmp_path, c
 
 def test_build_with_val_scores_into_the_description(fixture_smoke, code_repo, tmp_path, capsys):
     out = tmp_path / "sub.zip"
-    rc = main(["submission", "build", "--model", str(fixture_smoke), "--test", str(TEST), "--val", str(FIX / "val.json"),
+    rc = main(["submission", "build", "--model", str(fixture_smoke), "--test", str(TEST), "--val", str(FIX / "small_val.json"),
                "--out", str(out), "--max-new-tokens", "3", "--no-progress", "--code-root", str(code_repo)])
     printed = capsys.readouterr()
     assert rc == 0, printed.err

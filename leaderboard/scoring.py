@@ -12,29 +12,17 @@ import hashlib
 import json
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 from pesc.data.dialogue import SUPPORTER, Dialogue
 from pesc.data.pesc_json import dumps_pesc, load_pesc
 from pesc.errors import DataError, PescError
+from submission.check import Problem
 
 OFFICIAL_METRICS = ("meteor", "bleu4", "rougeL", "extrema", "distinct2", "distinct3", "gscore")
 TURN_METRICS = ("meteor", "bleu4", "rougeL", "extrema")
 BASELINES = ("echo", "random", "generic", "gold")
-
-
-@dataclass
-class Problem:
-    """One pre-flight problem, as shown to the submitter."""
-    dialogue_id: str | None
-    turn: int | None
-    code: str
-    message: str
-
-    def as_dict(self) -> dict:
-        return {"dialogue_id": self.dialogue_id, "turn": self.turn, "code": self.code,
-                "message": self.message}
 
 
 class GoldSet:
@@ -79,7 +67,7 @@ def preflight(result: dict, gold: GoldSet, max_reply_chars: int) -> list[Problem
     report = check_result(result, gold.test_obj(), max_reply_chars=max_reply_chars)
     if report.ok:
         return []
-    return [Problem(None if p.dialogue_id is None else str(p.dialogue_id), p.turn, p.code, p.message)
+    return [replace(p, dialogue_id=None if p.dialogue_id is None else str(p.dialogue_id))
             for p in report.problems]
 
 

@@ -55,6 +55,10 @@ class Problem:
             parts.append(f"turn {self.turn} (whole_dialog[{self.turn}])")
         return ", ".join(parts) or "file"
 
+    def as_dict(self) -> dict:
+        return {"dialogue_id": self.dialogue_id, "turn": self.turn, "code": self.code,
+                "message": self.message}
+
     def __str__(self) -> str:
         return f"{self.where()} [{self.code}]: {self.message}"
 

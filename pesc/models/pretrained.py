@@ -40,7 +40,10 @@ def materialise_smollm2(dest: str | Path) -> Path:
     loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # Copy the weights into a fresh model built from the config: the GGUF-loaded instance carries
     # quantisation metadata that save_pretrained should not write out.
-    fresh = type(loaded)(loaded.config)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):  # the weights are plain float32 now
+        del config.quantization_config
+    fresh = type(loaded)(config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
     if tok.pad_token_id is None:

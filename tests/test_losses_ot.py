@@ -195,12 +195,13 @@ def test_sinkhorn_loss_matches_pot_position_by_position(support, masses, cost, d
 
 
 def test_sinkhorn_envelope_gradients_match_autodiff_at_convergence_for_logits_projection_embeddings():
+    """For the entropic value the dual potentials are its exact gradient at convergence."""
     s, t, Es, Et, mask = _setup(seed=5)
     Es = Es.clone().requires_grad_()
     grads = {}
     for grad in ["envelope", "autodiff"]:
         loss = build_loss("sinkhorn", topk=4, iters=1500, grad=grad, debias=True, masses="rest",
-                          embedding_grad=True).double()
+                          embedding_grad=True, value="entropic").double()
         torch.manual_seed(0)
         loss.prepare(student_embeddings=Es, teacher_embeddings=Et)
         v = loss(s, TeacherSignal(logits=t), mask, student_embeddings=Es, teacher_embeddings=Et).value

@@ -17,10 +17,11 @@ Per target position:
 5. entropic OT with epsilon, batched over all positions as (N, k', k') problems, chunked by a memory
    budget (see `pesc.losses.ot`).
 
-The value per position is W_eps = min <T, C> + eps KL(T | a b^T) (`value="entropic"`, default) or
-the transport cost <T, C> of the entropic plan (`value="linear"`, what POT's sinkhorn2 returns and
-what the research runs reported; it is always logged as `ot_linear`). Gradients come from the dual
-potentials (envelope theorem, plan detached; exact for the entropic value at convergence) and reach
+The value per position is the transport cost <T, C> of the entropic plan (`value="linear"`, the
+default: LOSSES.md's definition, what POT's sinkhorn2 returns and what the research runs reported;
+always logged as `ot_linear`) or W_eps = min <T, C> + eps KL(T | a b^T) (`value="entropic"`).
+Gradients come from the dual potentials (envelope theorem, plan detached; exact for the entropic
+value at convergence, the standard first-order gradient for the linear one) and reach
 the student's logits through the masses and the projection through the costs; `grad="autodiff"`
 back-propagates through the iterations instead (exact for either value, much more memory).
 `debias=True` gives the Sinkhorn divergence W(a,b) - (W(a,a) + W(b,b)) / 2, which is 0 when the two
@@ -132,7 +133,7 @@ class SinkhornLoss(DistillLoss):
                  support: Literal["union", "student", "teacher"] = "union",
                  masses: Literal["renormalize", "rest"] = "renormalize",
                  cost: Literal["cosine", "euclidean"] = "cosine", epsilon: float = 0.1, iters: int = 50,
-                 tol: float | None = None, value: Literal["entropic", "linear"] = "entropic",
+                 tol: float | None = None, value: Literal["linear", "entropic"] = "linear",
                  grad: Literal["envelope", "autodiff"] = "envelope", debias: bool = False,
                  normalize: Literal["max", "mean", "none"] = "max",
                  method: Literal["auto", "scaling", "log"] = "auto",

@@ -25,3 +25,15 @@ def shared_pesc() -> Path:
     if not (SHARED_PESC / "val.json").exists():
         pytest.skip("../shared/data/pesc not present")
     return SHARED_PESC
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared machine: one torch thread is faster than two spinning against other
+    jobs. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -21,19 +21,10 @@ from pesc.generation import (FALLBACK_REPLY, GenerationOptions, RowSampler, clea
                              generate_reply, resolve_decoding, row_seed, split_reply, stream_reply, uniform_for)
 from submission.taskfile import load_task
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FIX = Path(__file__).resolve().parent / "fixtures" / "submission"
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared machine: one thread is faster than two spinning against other jobs."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from submission.description import write_description
 from submission.package import PackageError, build_package, code_files, verify_package
 from submission.taskfile import fill_result, load_task
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FIX = Path(__file__).resolve().parent / "fixtures" / "submission"
 TEST = FIX / "small_test.json"
 
@@ -51,17 +53,6 @@ def assert_located(report, code, did, turn):
         assert f"turn {turn}" in text
     assert text in report.format()
     assert not report.ok
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared machine: one thread is faster than two spinning against other jobs."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -97,3 +97,11 @@ def test_smoke_pipeline_runs_to_the_end_with_every_loss(loss, tmp_path):
     assert parts and all(math.isfinite(v) for v in parts)
     result = load_pesc(out / "result.json")
     assert result and all(t.text.strip() for d in result for t in d.turns)
+
+
+def test_unknown_option_gets_the_subcommands_usage_and_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--preset", "smoke", "--output", "somewhere"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: pesc run" in err and "--output somewhere" in err and "did you mean --out?" in err

@@ -57,13 +57,33 @@ def split_loss_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, pairs
 
 
+def reject_unknown(parser: argparse.ArgumentParser, args, unknown: list[str]) -> None:
+    """Exit with the subcommand's own usage and a close option name, e.g. `--output` -> `--out`."""
+    import difflib
+
+    target = parser
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is not None and getattr(args, "command", None) in sub.choices:
+        target = sub.choices[args.command]
+    known = [o for a in target._actions for o in a.option_strings]
+    msg = f"unrecognized arguments: {' '.join(unknown)}"
+    for tok in unknown:
+        close = difflib.get_close_matches(tok.split("=", 1)[0], known, n=1, cutoff=0.6) if tok.startswith("-") else []
+        if close:
+            msg += f" (did you mean {close[0]}?)"
+            break
+    target.error(msg)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         argv, loss_pairs = split_loss_args(list(sys.argv[1:] if argv is None else argv))
     except PescError as e:
         parser.error(str(e))
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        reject_unknown(parser, args, unknown)
     args.loss_args = loss_pairs
     if not getattr(args, "func", None):
         parser.print_help()

@@ -13,8 +13,8 @@ logits-sized tensor) counts as extra memory.
 Inputs, identical for every loss (seeded): student and teacher logits share a Zipf-like prior over
 token ids (frequent tokens first, as in BPE vocabularies) plus per-position context noise, the
 teacher less noisy than the student. Shapes of the `quickstart` preset, whose 49152-token
-vocabulary this is: a SmolLM2-135M teacher (576 wide, 30 layers) and a 10-layer student cut from
-it, so both embedding matrices are 576 wide (the student's drifted from the teacher's); hidden
+vocabulary this is: a SmolLM2-135M teacher (576 wide, 30 layers) and a student cut from it (10 layers here,
+for layer_emd's 10 x 30 layer mapping), so both embedding matrices are 576 wide (the student's drifted from the teacher's); hidden
 states of 10 / 30 layers for layer_emd. OT losses: k = 100, euclidean cost, epsilon 0.1, 50
 iterations. Extra lines: `sinkhorn_bf16`, the same with precision=bfloat16; `sinkhorn_proj`, a
 960-wide teacher (SmolLM2-360M) so that a trainable projection 960 -> 576 enters the costs and
@@ -57,7 +57,7 @@ LOSSES = ["fkl", "rkl", "jsd", "skl", "srkl", "tvd", "l1", "l2", "w1_cdf", "sort
 OT = {"topk": 100, "cost": "euclidean", "epsilon": 0.1, "iters": 50}
 PARAMS = {"sinkhorn": OT, "hybrid": OT, "sinkhorn_bf16": {**OT, "precision": "bfloat16"}, "sinkhorn_proj": OT}
 VARIANT_OF = {"sinkhorn_bf16": "sinkhorn", "sinkhorn_proj": "sinkhorn"}   # benchmark line -> registered loss
-DS, LS, LT = 576, 10, 30          # quickstart: SmolLM2-135M teacher, 10-layer student cut from it
+DS, LS, LT = 576, 10, 30          # SmolLM2-135M teacher width and depth; a 10-layer student for layer_emd
 DT_PROJ = 960                     # SmolLM2-360M width, for the projection line
 GROUP = 256                       # problems per padded batch in the POT comparison
 

@@ -1,7 +1,7 @@
 """Training speed, printed as ratios (one run):
 
 1. distillation steps per second with a live teacher vs from the teacher cache (`pesc cache-teacher`),
-   at the smoke and quickstart sizes (quickstart: SmolLM2-135M teacher, 10-layer student cut from
+   at the smoke and quickstart sizes (quickstart: SmolLM2-135M teacher, 26-layer student cut from
    it), for a fully fine-tuned student and for a LoRA student (the research setting). Same student,
    data, batch order, loss (fkl, which runs from either) and optimizer; the two paths take their
    steps in turn (so other jobs on a shared machine slow both alike) and the median step time is

@@ -34,7 +34,7 @@ def _common(p, *, loss: bool = False) -> None:
 
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="smoke: tiny random models (CPU, a minute); quickstart: SmolLM2-135M teacher and a "
-                        "10-layer student; paper: Qwen2.5-7B -> 1.5B with LoRA (GPUs). Default: the config "
+                        "26-layer student cut from it; paper: Qwen2.5-7B -> 1.5B with LoRA (GPUs). Default: the config "
                         "file's preset, else smoke")
     p.add_argument("--config", help="YAML run config (options of pesc.training.config.RunConfig)")
     p.add_argument("--data", help="directory with the PESC files (train.json and/or val.json); default: the "

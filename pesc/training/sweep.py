@@ -163,6 +163,10 @@ def write_outputs(table: dict, out_dir: Path, meta: dict) -> None:
 
 
 def plot_table(table: dict, path: Path) -> None:
+    """Two panels: the % change of each metric from the untrained student (left; a change from 0 is
+    left out), and the absolute BLEU-4 / ROUGE-L (x100) after distillation with the untrained
+    student's values as dashed lines (right), so that the text metrics show even when the untrained
+    student scores 0."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,20 +174,34 @@ def plot_table(table: dict, path: Path) -> None:
     import numpy as np
 
     rows = [r for r in table["rows"] if not r.get("error")]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4))
+    labels = [r["loss"] for r in rows]
     x = np.arange(len(rows))
+    fig, (rel, ab) = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(rows) + 4), 4.6))
     width = 0.27
+    colors = {"kl": "tab:blue", "bleu4": "tab:orange", "rougeL": "tab:green"}
     for i, (k, name) in enumerate(METRICS):
         vals = [r[f"{k}_change"] if r[f"{k}_change"] is not None else np.nan for r in rows]
-        ax.bar(x + (i - 1) * width, vals, width, label=f"{name} change (%)")
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x)
-    ax.set_xticklabels([r["loss"] for r in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("change from the untrained student (%)")
-    ax.set_title("Distillation losses: relative change of KL, BLEU-4, ROUGE-L")
-    ax.legend(fontsize=8)
+        undefined = all(np.isnan(vals))
+        rel.bar(x + (i - 1) * width, vals, width, color=colors[k],
+                label=f"{name}" + (" (untrained = 0: no relative change)" if undefined else ""))
+    rel.axhline(0, color="black", linewidth=0.8)
+    rel.set_ylabel("change from the untrained student (%)")
+    rel.set_title("Relative change (KL: lower is closer to the teacher)")
+    untrained = table.get("untrained") or {}
+    for i, (k, name) in enumerate(METRICS[1:]):
+        vals = [100 * r[k] if r.get(k) is not None else np.nan for r in rows]
+        ab.bar(x + (i - 0.5) * width, vals, width, color=colors[k], label=f"{name} after")
+        if untrained.get(k) is not None:
+            ab.axhline(100 * untrained[k], color=colors[k], linestyle="--", linewidth=1,
+                       label=f"{name} untrained student")
+    ab.set_ylabel("score (x100)")
+    ab.set_title("BLEU-4 and ROUGE-L after distillation")
+    for ax in (rel, ab):
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.38), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -45,3 +45,43 @@ def test_dockerfile_installs_pinned_torch_first_and_serves_the_leaderboard():
     assert ("EXPOSE", "7860") in steps
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored and "runs" in ignored
+
+
+def test_the_images_copy_set_builds_a_wheel_with_the_package_data(tmp_path):
+    """`pip install .` inside the image sees only what the Dockerfile COPYs (minus .dockerignore):
+    build a wheel from exactly that and check the shipped samples, the scorer's resources and every
+    module are in it."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    import pytest
+
+    pytest.importorskip("setuptools")  # the build backend, run without build isolation (offline)
+    steps = _instructions((REPO / "Dockerfile").read_text())
+    ctx = tmp_path / "context"
+    ctx.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for op, rest in steps:
+        if op != "COPY":
+            continue
+        *sources, _dest = rest.split()
+        for src in sources:
+            path = REPO / src
+            if path.is_dir():
+                shutil.copytree(path, ctx / src, ignore=ignore)
+            else:
+                shutil.copy2(path, ctx / src)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path / "dist"), str(ctx)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wheel, = (tmp_path / "dist").glob("pesc-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "pesc/data/samples/sample_dialogues.json" in names
+    assert "pesc/metrics/resources/lexnames" in names
+    for package in ("pesc", "submission", "leaderboard"):
+        modules = {p.relative_to(REPO).as_posix() for p in (REPO / package).rglob("*.py")
+                   if "__pycache__" not in p.parts}
+        assert modules <= names, sorted(modules - names)[:5]
+    assert any(n.endswith("entry_points.txt") for n in names)

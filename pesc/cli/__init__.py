@@ -15,6 +15,7 @@ from pesc.errors import PescError
 COMMAND_MODULES = [
     "pesc.cli.run",
     "pesc.cli.train",
+    "pesc.cli.evaluate",
     "pesc.cli.score",
     "pesc.cli.leaderboard",
     "pesc.cli.submission",

@@ -142,18 +142,19 @@ def live_vs_cache(preset: str, data_dir: str | None, steps: int, warmup: int, wo
             "train_examples": len(ctx.train_ex), "variants": variants, "cache_build_s": build_s}
 
 
-def two_vs_one(data_dir: str | None, steps: int, work: Path) -> dict:
+def two_vs_one(data_dir: str | None, steps: int, work: Path, preset: str = "smoke") -> dict:
     """Time `pesc distill` on one process (batch 8) and under torchrun with two (batch 4 each)."""
     settings = ["teacher_steps=0", f"distill_steps={steps}", "eval_examples=0", "eval_dialogues=0",
                 "eval_generate_dialogues=0", "max_train_dialogues=20", "logging_steps=1000"]
-    base = ["--preset", "smoke"] + (["--data", data_dir] if data_dir else [])
-    one, two = work / "dp-one", work / "dp-two"
+    base = ["--preset", preset] + (["--data", data_dir] if data_dir else [])
+    one, two = work / f"dp-one-{preset}", work / f"dp-two-{preset}"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run([sys.executable, "-m", "pesc", "distill", *base, "--out", str(one), "--set", "batch_size=8",
                     *settings], check=True, env=env, capture_output=True)
     two.mkdir(parents=True, exist_ok=True)
-    for name in ("teacher-init", "student-init"):
-        shutil.copytree(one / name, two / name, dirs_exist_ok=True)
+    for name in ("teacher-init", "student-init"):       # the same initial models (smoke builds both)
+        if (one / name).is_dir():
+            shutil.copytree(one / name, two / name, dirs_exist_ok=True)
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "pesc", "distill", *base, "--out", str(two),
                     "--set", "batch_size=4", *settings], check=True, env={**env, "OMP_NUM_THREADS": "1"},
@@ -184,6 +185,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--skip-dp", action="store_true", help="skip the two-process measurement")
+    p.add_argument("--dp-sizes", default="smoke", help="presets for the two-process measurement "
+                   "(e.g. smoke,quickstart; quickstart takes several minutes)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every size")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -202,9 +205,9 @@ def main() -> None:
                 print(f"  {name:18}: live teacher {live:.3f} steps/s, teacher cache {cached:.3f} steps/s "
                       f"-> cache/live = {cached / live:.2f}x (ceiling (S+T)/S = {ceiling:.2f}x: student "
                       f"step S, teacher forward T)")
-        if not args.skip_dp:
-            r = two_vs_one(args.data, max(args.steps, 6), work)
-            print(f"[data parallel, smoke] {r['steps']} steps, global batch {r['global_batch']}: one process "
+        for preset in ([] if args.skip_dp else [s for s in args.dp_sizes.split(",") if s]):
+            r = two_vs_one(args.data, max(args.steps, 6) if preset == "smoke" else args.steps, work, preset)
+            print(f"[data parallel, {preset}] {r['steps']} steps, global batch {r['global_batch']}: one process "
                   f"{r['one_process_s']:.2f} s, torchrun 2 processes {r['two_processes_s']:.2f} s -> "
                   f"2proc/1proc speed = {r['speedup']:.2f}x; max weight difference {r['max_weight_diff']:.2e}")
 

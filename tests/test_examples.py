@@ -122,6 +122,20 @@ def test_long_target_is_cut_and_tiny_budget_raises(dialogues, plain_tok):
         build_examples([d], tok, max_length=40)
 
 
+def test_a_turn_that_cannot_fit_is_skipped_with_one_warning_naming_it(dialogues, plain_tok, caplog):
+    tok = plain_tok
+    d = dialogues[2]
+    long_turn = Turn("seeker", " ".join([d.turns[0].text] * 30))
+    crowded = Dialogue(d.id + "-long", [long_turn, d.turns[1]], d.profile)
+    n_ok = len(build_examples([d], tok, max_length=512))
+    with caplog.at_level("WARNING", logger="pesc.data.examples"):
+        examples = build_examples([d, crowded], tok, max_length=512)
+    assert len(examples) == n_ok and all(e.dialogue_id == d.id for e in examples)
+    (record,) = [r for r in caplog.records if "skipped" in r.getMessage()]
+    msg = record.getMessage()
+    assert f"1 of {n_ok + 1} supporter turns skipped" in msg and f"dialogue {crowded.id}, turn 1" in msg
+
+
 def test_blank_and_leading_supporter_turns_make_no_example(dialogues, plain_tok):
     d = dialogues[0]
     blank = d.with_supporter_texts([""] * 10)  # like test.json

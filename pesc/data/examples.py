@@ -6,6 +6,7 @@ is trained on is exactly what it sees at inference.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ from pesc.data.dialogue import SEEKER, SUPPORTER, Dialogue, Turn, profile_block
 from pesc.errors import ConfigError
 
 IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
 PLAIN_ROLE_NAMES = {SEEKER: "Seeker", SUPPORTER: "Supporter"}
 
 
@@ -83,9 +85,11 @@ def build_examples(dialogues: list[Dialogue], tokenizer, max_length: int = 1024,
 
     Labels cover the target tokens and the end token only. History is truncated from the oldest
     turns so the profile and the latest seeker turn survive; a target that alone would overflow is
-    cut at the end (keeping at least `min_target_tokens`).
+    cut at the end (keeping at least `min_target_tokens`). A turn whose profile and latest seeker
+    turn alone leave no room for `min_target_tokens` is skipped and counted in one warning (naming
+    the first such dialogue and turn); if every turn is skipped, ConfigError.
     """
-    out = []
+    out, skipped = [], []
     for d in dialogues:
         seen_seeker = False
         for i, turn in enumerate(d.turns):
@@ -102,10 +106,20 @@ def build_examples(dialogues: list[Dialogue], tokenizer, max_length: int = 1024,
                 prompt = fit_prompt(tokenizer, d.profile, d.turns[:i], max_length - len(target),
                                     where=where)
             except ConfigError:
-                prompt = fit_prompt(tokenizer, d.profile, d.turns[:i],
-                                    max_length - max(min_target_tokens, 1), where=where)
+                try:
+                    prompt = fit_prompt(tokenizer, d.profile, d.turns[:i],
+                                        max_length - max(min_target_tokens, 1), where=where)
+                except ConfigError as e:
+                    skipped.append(str(e))
+                    continue
             target = target[: max_length - len(prompt)]
             out.append(Example(prompt + target, [IGNORE_INDEX] * len(prompt) + target, d.id, i))
+    if skipped and not out:
+        raise ConfigError(f"no example fits max_length {max_length}: {skipped[0]}")
+    if skipped:
+        logger.warning("%d of %d supporter turns skipped, their profile and latest seeker turn leave no room "
+                       "for a reply within max_length %d (first: %s)", len(skipped), len(skipped) + len(out),
+                       max_length, skipped[0])
     return out
 
 

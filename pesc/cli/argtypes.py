@@ -14,3 +14,8 @@ def positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return v
+
+
+def batch_size(text: str) -> int | str:
+    """A positive integer or "auto" (the generation batch planner)."""
+    return "auto" if text == "auto" else positive_int(text)

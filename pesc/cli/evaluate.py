@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pesc.cli.argtypes import positive_int
+from pesc.cli.argtypes import batch_size, positive_int
 
 
 def register(sub) -> None:
@@ -32,33 +32,26 @@ def register(sub) -> None:
     p.add_argument("--max-dialogues", type=positive_int, default=None, metavar="N",
                    help="evaluate the first N dialogues only")
     p.add_argument("--kl-examples", type=positive_int, default=64, metavar="N",
-                   help="supporter turns (evenly spread) for the KL")
+                   help="supporter turns for the KL (the first N, as in a run's evaluation)")
     p.add_argument("--max-length", type=positive_int, default=1024, metavar="N",
-                   help="prompt + reply tokens per example (history is cut from the oldest turns)")
+                   help="token budget of a prompt, and of prompt + reply in the KL examples (history is "
+                        "cut from the oldest turns); as a run's max_length")
     p.add_argument("--max-new-tokens", type=positive_int, default=48, metavar="N")
-    p.add_argument("--batch-size", default="auto", metavar="N|auto", help="generation rows per batch")
+    p.add_argument("--batch-size", type=batch_size, default="auto", metavar="N|auto",
+                   help="generation rows per batch")
     p.add_argument("--kl-temperature", type=float, default=1.0)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--out", type=Path, help="write the table as JSON here")
     p.set_defaults(func=main)
 
 
-def spread(items: list, n: int) -> list:
-    """n items evenly spread over the list (all of them when n >= len)."""
-    if n >= len(items):
-        return list(items)
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]
-
-
 def main(args) -> int:
     from pesc.data import load_dialogues
     from pesc.data.examples import build_examples
     from pesc.errors import ConfigError
-    from pesc.models import load_model, load_tokenizer
+    from pesc.models import load_model, load_tokenizer, require_shared_vocab
     from pesc.training.evaluation import FINAL_METRICS, ValidationEvaluator
 
-    batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     dialogues = load_dialogues(args.dialogues, split=args.split)
     if args.max_dialogues:
         dialogues = dialogues[: args.max_dialogues]
@@ -70,15 +63,13 @@ def main(args) -> int:
     teacher = None
     if args.teacher:
         print(f"loading teacher {args.teacher}", flush=True)
-        if len(load_tokenizer(args.teacher)) != len(tokenizer):
-            raise ConfigError(f"teacher {args.teacher} and model {args.model} have different tokenizers; "
-                              "the KL needs one shared vocabulary")
+        require_shared_vocab(args.teacher, len(tokenizer), "the KL")
         teacher = load_model(args.teacher, args.dtype)
-    examples = spread(build_examples(dialogues, tokenizer, args.max_length), args.kl_examples) if teacher else []
+    examples = build_examples(dialogues, tokenizer, args.max_length)[: args.kl_examples] if teacher else []
     evaluator = ValidationEvaluator(
         tokenizer=tokenizer, examples=examples, dialogues=dialogues, teacher=teacher,
         kl_temperature=args.kl_temperature, vocab_size=len(tokenizer), max_new_tokens=args.max_new_tokens,
-        gen_batch_size=batch, max_prompt_tokens=args.max_length - args.max_new_tokens, metrics=FINAL_METRICS,
+        gen_batch_size=args.batch_size, max_prompt_tokens=args.max_length, metrics=FINAL_METRICS,
         progress=True)
     scores = evaluator.evaluate(model)
     turns = sum(1 for d in dialogues for t in d.turns if t.role == "supporter")
@@ -93,17 +84,15 @@ def main(args) -> int:
     return 0
 
 
-LABELS = [("meteor", "METEOR"), ("bleu4", "BLEU-4"), ("rougeL", "ROUGE-L"), ("extrema", "Extrema"),
-          ("distinct2", "D-2"), ("distinct3", "D-3"), ("total_no_g", "total")]
-
-
 def format_table(t: dict) -> str:
+    from pesc.metrics.report import LABELS, METRIC_ORDER
+
     s = t["scores"]
-    cols = [(k, label) for k, label in LABELS if k in s]
+    cols = [(k, LABELS[k]) for k in (*METRIC_ORDER, "total_no_g") if k in s]
     lines = [f"model {t['model']} on {t['n_dialogues']} dialogues ({t['n_turns']} supporter turns, gold history)"]
     if "kl" in s:
         lines.append(f"teacher-student KL per target token (tau={t['kl_temperature']}, {t['kl_examples']} turns, "
                      f"teacher {t['teacher']}): {s['kl']:.4f}")
     lines.append("  ".join(f"{label:>8}" for _, label in cols))
-    lines.append("  ".join(f"{100 * s[k]:>8.2f}" for k, _ in cols))
+    lines.append("  ".join(f"{100 * s[k]:>{max(8, len(label))}.2f}" for k, label in cols))
     return "\n".join(lines)

@@ -10,19 +10,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pesc.cli.argtypes import positive_int
+from pesc.cli.argtypes import batch_size, positive_int
 from pesc.errors import ConfigError, DataError
 
 DEFAULT_MAX_REPLY_CHARS = 1500  # same as submission.check.DEFAULT_MAX_REPLY_CHARS
-
-
-_positive_int = positive_int
-
-
-def _batch_size(text: str):
-    if text == "auto":
-        return "auto"
-    return _positive_int(text)
 
 
 def _float(text: str) -> float:
@@ -39,13 +30,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default float32)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--batch-size", type=_batch_size, default="auto", metavar="N|auto",
+    g.add_argument("--batch-size", type=batch_size, default="auto", metavar="N|auto",
                    help="dialogues per generate call; 'auto' plans it from the model size and a fixed "
                         "memory budget; halved automatically on out-of-memory (default auto)")
-    g.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
+    g.add_argument("--max-new-tokens", type=positive_int, metavar="N",
                    help="longest reply in tokens (default: the model's pesc run config, else its "
                         "generation_config, else 128)")
-    g.add_argument("--max-prompt-tokens", type=_positive_int, metavar="N",
+    g.add_argument("--max-prompt-tokens", type=positive_int, metavar="N",
                    help="prompt budget; the oldest turns are dropped in pairs to fit (default: the "
                         "max_length the model was trained with when its pesc run directory says so, "
                         "else 1024 or what the model's context allows)")
@@ -56,9 +47,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, help="top-k sampling (0 = off)")
     g.add_argument("--repetition-penalty", type=_float, help="repetition penalty (1 = off)")
     g.add_argument("--seed", type=int, default=0, help="seed of sampled replies (per dialogue and turn)")
-    g.add_argument("--checkpoint-every", type=_positive_int, default=10, metavar="N",
+    g.add_argument("--checkpoint-every", type=positive_int, default=10, metavar="N",
                    help="save progress every N dialogues' worth of turns (default 10)")
-    g.add_argument("--threads", type=_positive_int, metavar="N",
+    g.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy machine)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -89,7 +80,7 @@ def register(sub) -> None:
                                  "put its scores (pesc.metrics) in the description")
     b.add_argument("--val-gold-history", action="store_true",
                    help="for --val, let each turn see the gold earlier replies instead of the model's own")
-    b.add_argument("--max-reply-chars", type=_positive_int, default=DEFAULT_MAX_REPLY_CHARS, metavar="N",
+    b.add_argument("--max-reply-chars", type=positive_int, default=DEFAULT_MAX_REPLY_CHARS, metavar="N",
                    help=f"longest allowed reply in characters; longer ones are cut at a sentence end "
                         f"(default {DEFAULT_MAX_REPLY_CHARS})")
     b.add_argument("--description", metavar="JSON", help="JSON file with extra description fields (title, "
@@ -109,7 +100,7 @@ def register(sub) -> None:
                     "also be a submission zip (its result.json is checked).")
     c.add_argument("result", help="result.json (or a submission .zip)")
     c.add_argument("--test", required=True, help="the test.json the result answers")
-    c.add_argument("--max-reply-chars", type=_positive_int, default=DEFAULT_MAX_REPLY_CHARS, metavar="N",
+    c.add_argument("--max-reply-chars", type=positive_int, default=DEFAULT_MAX_REPLY_CHARS, metavar="N",
                    help=f"longest allowed reply in characters (default {DEFAULT_MAX_REPLY_CHARS})")
     c.set_defaults(func=check_main)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -125,7 +116,7 @@ def register(sub) -> None:
     g.add_argument("--out", required=True, help="filled file to write")
     g.add_argument("--gold-history", action="store_true", help="turn i sees the gold replies of turns < i")
     g.add_argument("--checkpoint", help="progress file (default <out>.progress.json; removed when done)")
-    g.add_argument("--max-reply-chars", type=_positive_int, default=DEFAULT_MAX_REPLY_CHARS, metavar="N",
+    g.add_argument("--max-reply-chars", type=positive_int, default=DEFAULT_MAX_REPLY_CHARS, metavar="N",
                    help=f"longest reply in characters (default {DEFAULT_MAX_REPLY_CHARS})")
     g.set_defaults(func=generate_main)
 

@@ -34,6 +34,13 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
+def require_shared_vocab(teacher: str, vocab: int, what: str) -> None:
+    """Raise ConfigError unless the teacher's tokenizer has `vocab` entries (one shared vocabulary);
+    `what` names what needs it (e.g. "distillation here")."""
+    if len(load_tokenizer(teacher)) != vocab:
+        raise ConfigError(f"teacher {teacher} and student tokenizers differ; {what} needs one shared vocabulary")
+
+
 def load_model(name_or_path: str, dtype: str = "float32", device: str | None = None):
     """A causal LM in eval mode on `device` (default: cuda if available, else cpu)."""
     from transformers import AutoModelForCausalLM

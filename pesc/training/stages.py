@@ -377,7 +377,7 @@ def train_teacher(cfg: RunConfig, data=None, *, callbacks=()) -> dict:
 def cache_teacher(cfg: RunConfig, data=None, *, out: str | None = None, overwrite: bool = False,
                   progress: bool = True) -> Path:
     """Run the run's teacher over the training and validation examples; write the top-k cache."""
-    from pesc.models import load_model, load_tokenizer
+    from pesc.models import load_model, require_shared_vocab
     from pesc.training.teacher_cache import build_teacher_cache
 
     if world_size() > 1:
@@ -385,8 +385,7 @@ def cache_teacher(cfg: RunConfig, data=None, *, out: str | None = None, overwrit
                           "once, without gradients; distillation from the cache can then use many processes")
     ctx = build_context(cfg, data)
     teacher_path = trained_teacher_path(ctx)
-    if len(load_tokenizer(teacher_path)) != ctx.vocab:
-        raise ConfigError("teacher and student tokenizers differ; the teacher cache needs one shared vocabulary")
+    require_shared_vocab(teacher_path, ctx.vocab, "the teacher cache")
     dest = Path(out) if out else ctx.run_dir / "teacher-cache"
     if is_main_process():
         teacher = load_model(teacher_path, cfg.dtype)
@@ -402,7 +401,7 @@ def cache_teacher(cfg: RunConfig, data=None, *, out: str | None = None, overwrit
 def distill(cfg: RunConfig, data=None, *, callbacks=()) -> dict:
     """Distil the student from the live teacher or the teacher cache; evaluate before and after."""
     from pesc.losses import build_loss
-    from pesc.models import load_tokenizer
+    from pesc.models import require_shared_vocab
     from pesc.training.lora import maybe_lora, merge_and_save
     from pesc.training.teacher_cache import TeacherCache
     from pesc.training.trainer import LOSS_STATE_NAME, Collator, DistillTrainer, ExampleDataset
@@ -426,8 +425,7 @@ def distill(cfg: RunConfig, data=None, *, callbacks=()) -> dict:
         teacher_desc = f"teacher cache {cache.path} (top-{cache.topk} of {cache.manifest.get('teacher')})"
     else:
         teacher_path = trained_teacher_path(ctx)
-        if len(load_tokenizer(teacher_path)) != ctx.vocab:
-            raise ConfigError("teacher and student tokenizers differ; distillation here needs one shared vocabulary")
+        require_shared_vocab(teacher_path, ctx.vocab, "distillation here")
         teacher = load_trainable(teacher_path, cfg.dtype)
         teacher_desc = teacher_path
     resume = prepare_stage_dir(cfg, stage_dir)

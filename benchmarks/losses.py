@@ -13,9 +13,9 @@ logits-sized tensor) counts as extra memory.
 Inputs, identical for every loss (seeded): student and teacher logits share a Zipf-like prior over
 token ids (frequent tokens first, as in BPE vocabularies) plus per-position context noise, the
 teacher less noisy than the student. Shapes of the `quickstart` preset, whose 49152-token
-vocabulary this is: a SmolLM2-135M teacher (576 wide, 30 layers) and a student cut from it (10 layers here,
-for layer_emd's 10 x 30 layer mapping), so both embedding matrices are 576 wide (the student's drifted from the teacher's); hidden
-states of 10 / 30 layers for layer_emd. OT losses: k = 100, euclidean cost, epsilon 0.1, 50
+vocabulary this is: a SmolLM2-135M teacher (576 wide, 30 layers) and a student cut from it, so
+both embedding matrices are 576 wide (the student's drifted from the teacher's); hidden states of
+10 / 30 layers for layer_emd's layer mapping. OT losses: k = 100, euclidean cost, epsilon 0.1, 50
 iterations. Extra lines: `sinkhorn_bf16`, the same with precision=bfloat16; `sinkhorn_proj`, a
 960-wide teacher (SmolLM2-360M) so that a trainable projection 960 -> 576 enters the costs and
 gets gradients each step.
